@@ -1,0 +1,195 @@
+"""The one exception hierarchy of raftcoord.
+
+Every error a caller can see derives from :class:`RaftcoordError`. Each class
+carries what the outer layers need to report it, so that ``server.py`` and
+``cli.py`` only translate and never decide:
+
+* ``http_status``: the status the client endpoint answers with;
+* ``exit_code``: the CLI's exit code (2 for a usage or input mistake, as click
+  does, 1 for anything else);
+* ``code``: a short stable name that travels in JSON error bodies and in the
+  state machine's error results, so a replica can rebuild the same exception
+  from a result without pickling anything.
+
+Errors are split by who is at fault, as h11 does: the caller's input
+(:class:`InvalidInputError` and its children), the cluster's state
+(:class:`UnavailableError`, :class:`ConflictError`, ...), or a bug in
+raftcoord (any other exception).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthError",
+    "ClockOverflowError",
+    "CommandError",
+    "CompactedError",
+    "ConfigError",
+    "ConflictError",
+    "DecodeError",
+    "DuplicateRequestError",
+    "InvalidInputError",
+    "KeyFormatError",
+    "KeyNotFoundError",
+    "NotLeaderError",
+    "RaftcoordError",
+    "ReservedKeyError",
+    "TimeoutError",
+    "UnavailableError",
+    "UnknownOutcomeError",
+    "ValueFormatError",
+    "error_from_code",
+]
+
+
+class RaftcoordError(Exception):
+    """Base of every error raftcoord raises on purpose."""
+
+    http_status: int = 500
+    exit_code: int = 1
+    code: str = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The name of the input field, setting or record part that was wrong.
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as a JSON- and CBOR-friendly mapping."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+class InvalidInputError(RaftcoordError):
+    """Bad input from a file, a peer, a client or the command line."""
+
+    http_status = 400
+    exit_code = 2
+    code = "invalid_input"
+
+
+class DecodeError(InvalidInputError, ValueError):
+    """Bytes that do not decode to a valid record; ``field`` names the part."""
+
+    code = "decode"
+
+
+class KeyFormatError(DecodeError):
+    """A coordinator key (header, node key, message key) is malformed."""
+
+    code = "key_format"
+
+
+class ValueFormatError(DecodeError):
+    """A CBOR value (node state, message, command, snapshot) is malformed."""
+
+    code = "value_format"
+
+
+class CommandError(InvalidInputError):
+    """The state machine refused a command; the state did not change."""
+
+    code = "command"
+
+
+class ReservedKeyError(CommandError):
+    """A raw write touched a key under a header the coordinator owns."""
+
+    code = "reserved_key"
+
+
+class ConfigError(InvalidInputError):
+    """A configuration file or option is wrong; the message names the setting."""
+
+    code = "config"
+
+
+class ClockOverflowError(RaftcoordError, OverflowError):
+    """A Lamport clock would pass 2**64-1; clocks never wrap silently."""
+
+    code = "clock_overflow"
+
+
+class KeyNotFoundError(RaftcoordError, KeyError):
+    """The key does not exist."""
+
+    http_status = 404
+    code = "key_not_found"
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise.
+        return self.message
+
+
+class ConflictError(RaftcoordError):
+    """A transaction's reads changed before it committed; retry it."""
+
+    http_status = 409
+    code = "conflict"
+
+
+class CompactedError(RaftcoordError):
+    """The requested clock or revision is older than what is still kept."""
+
+    http_status = 410
+    code = "compacted"
+
+
+class DuplicateRequestError(RaftcoordError):
+    """A request id was seen before and its result is no longer kept."""
+
+    http_status = 409
+    code = "duplicate_request"
+
+
+class AuthError(RaftcoordError):
+    """Missing or wrong credentials."""
+
+    http_status = 401
+    code = "auth"
+
+
+class UnavailableError(RaftcoordError):
+    """The cluster cannot serve the request now (no leader, no quorum, stopped)."""
+
+    http_status = 503
+    code = "unavailable"
+
+
+class NotLeaderError(UnavailableError):
+    """This node is not the leader and cannot forward the request."""
+
+    code = "not_leader"
+
+
+class TimeoutError(UnavailableError):  # noqa: A001 - deliberately ours
+    """The request was not answered in time and certainly did not apply."""
+
+    http_status = 504
+    code = "timeout"
+
+
+class UnknownOutcomeError(TimeoutError):
+    """The request may or may not have been applied; retrying may be unsafe."""
+
+    code = "unknown_outcome"
+
+
+def _all_subclasses(cls: type[RaftcoordError]) -> list[type[RaftcoordError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[RaftcoordError]] = {c.code: c for c in _all_subclasses(RaftcoordError)}
+
+
+def error_from_code(code: str, message: str, field: str | None = None) -> RaftcoordError:
+    """Rebuild an error from its ``code``, as carried in results and JSON bodies."""
+    cls = _BY_CODE.get(code, RaftcoordError)
+    return cls(message, field=field)
