@@ -1,0 +1,5 @@
+"""``python -m raftcoord``: the command line."""
+
+from raftcoord.cli import main
+
+main()
