@@ -85,6 +85,8 @@ class KeyHeader:
     @classmethod
     def decode(cls, data: bytes) -> KeyHeader:
         """Parse the first two bytes of ``data``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise KeyFormatError(f"key must be bytes, not {type(data).__name__}", field="key")
         if len(data) < HEADER_SIZE:
             raise KeyFormatError(
                 f"key of {len(data)} bytes is too short for the 2-byte header", field="header"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -47,6 +47,47 @@ def encode_cbor(obj: Any) -> bytes:
         raise ValueFormatError(f"cannot encode as CBOR: {exc}", field="value") from None
 
 
+def _keep_tag(tag: int) -> Callable[[Any, bool], Any]:
+    return lambda value, immutable: cbor2.CBORTag(tag, value)
+
+
+class _BigNum(int):
+    """An integer that arrived as a tag 2/3 bignum (not allowed inside tag 1)."""
+
+
+def _bignum(negative: bool) -> Callable[[Any, bool], Any]:
+    def decode(value: Any, immutable: bool) -> int:
+        if not isinstance(value, bytes):
+            raise ValueFormatError("a bignum must hold a byte string", field="value")
+        n = int.from_bytes(value, "big")
+        return _BigNum(-1 - n if negative else n)
+
+    return decode
+
+
+def _epoch_time(value: Any, immutable: bool) -> datetime:
+    # RFC 8949 3.4.2: tag 1 holds an integer (major type 0 or 1) or a float.
+    if isinstance(value, (bool, _BigNum)) or not isinstance(value, (int, float)):
+        raise ValueFormatError(f"tag 1 time must hold a number, not {type(value).__name__}", field="timestamp")
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        raise ValueFormatError(f"tag 1 time {value!r} is out of range", field="timestamp") from None
+
+
+# cbor2 decodes many tags into Python objects on its own (MIME messages,
+# shared references that build cycles, sets that drop duplicates, ...). Data
+# from peers and clients must round-trip unchanged and never pull in code we
+# did not ask for, so only times (0, 1) and bignums (2, 3) are interpreted;
+# every other tag stays a CBORTag and is re-encoded exactly as it came.
+_SEMANTIC_DECODERS: Final = {
+    **{tag: _keep_tag(tag) for tag in (4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799)},
+    1: _epoch_time,
+    2: _bignum(False),
+    3: _bignum(True),
+}
+
+
 def decode_cbor(data: bytes, *, what: str = "value") -> Any:
     """Decode exactly one CBOR data item from ``data``.
 
@@ -56,7 +97,7 @@ def decode_cbor(data: bytes, *, what: str = "value") -> Any:
         raise ValueFormatError(f"{what} must be bytes, not {type(data).__name__}", field=what)
     buf = io.BytesIO(data)
     try:
-        obj = cbor2.CBORDecoder(buf, allow_duplicate_keys=False).decode()
+        obj = cbor2.CBORDecoder(buf, allow_duplicate_keys=False, semantic_decoders=_SEMANTIC_DECODERS).decode()
     except RecursionError:
         raise ValueFormatError(f"{what} is nested too deeply", field=what) from None
     except Exception as exc:  # noqa: BLE001 - untrusted bytes; any failure is the input's
