@@ -208,12 +208,19 @@ class Client:
         return dict(out.get("message", out))
 
     def messages(self, since: int | None = None, limit: int = 0) -> list[dict[str, Any]]:
-        """Messages with a clock above ``since``, in clock order."""
-        query = {}
-        if since is not None:
-            query["since"] = str(since)
-        if limit:
-            query["limit"] = str(limit)
-        path = "/raftcoord/v1/messages" + ("?" + urllib.parse.urlencode(query) if query else "")
-        out = self.call("GET", path)
-        return list(out["messages"] if isinstance(out, dict) else out)
+        """Messages with a clock above ``since``, in clock order (all for ``limit=0``).
+
+        The endpoint answers in pages; this follows them until done.
+        """
+        out: list[dict[str, Any]] = []
+        while True:
+            query = {}
+            if since is not None:
+                query["since"] = str(since)
+            if limit:
+                query["limit"] = str(limit - len(out))
+            page = self.call("GET", "/raftcoord/v1/messages" + ("?" + urllib.parse.urlencode(query) if query else ""))
+            out.extend(page["messages"])
+            if not page.get("more") or not page["messages"] or (limit and len(out) >= limit):
+                return out
+            since = int(page["messages"][-1]["clock"])
