@@ -45,6 +45,7 @@ raw writes under those headers are refused.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -344,7 +345,9 @@ class Store:
                 f"messages up to clock {self._message_floor} were purged; cannot resume from {since}",
                 field="since",
             )
-        start = MESSAGE_PREFIX if since is None or since >= MAX_CLOCK else MessageKey(since + 1, 0).encode()
+        if since is not None and since >= MAX_CLOCK:
+            return []
+        start = MESSAGE_PREFIX if since is None else MessageKey(since + 1, 0).encode()
         out = []
         for k in self._data.irange(start, prefix_end(MESSAGE_PREFIX), inclusive=(True, False)):
             out.append(Message.decode(self._data[k].value))
@@ -402,7 +405,7 @@ class Store:
         if session is not None:
             if seq in session.results:
                 session.last_used = self._applied
-                return Applied(session.results[seq])
+                return Applied(copy.deepcopy(session.results[seq]))
             if seq < session.low:
                 err = DuplicateRequestError(
                     f"request {client}/{seq} was answered before and its result is no longer kept",
@@ -419,8 +422,11 @@ class Store:
         for old in [s for s in session.results if s < session.low]:
             del session.results[old]
         while len(session.results) > MAX_RESULTS_PER_SESSION:
-            del session.results[min(session.results)]
-        return applied
+            oldest = min(session.results)
+            del session.results[oldest]
+            # A dropped result must never be applied again: raise the floor.
+            session.low = max(session.low, oldest + 1)
+        return Applied(copy.deepcopy(applied.result), applied.events)
 
     def _evict_sessions(self) -> None:
         while len(self._sessions) > MAX_SESSIONS:
@@ -603,11 +609,18 @@ class Store:
         # As in etcd: one key written twice in one revision would have no
         # single well-defined version, so the request is refused.
         written: set[bytes] = set()
+        ranges: list[tuple[bytes, bytes]] = []
         for op in ops:
             if op["op"] == "put" or (op["op"] == "delete" and not op["range_end"]):
                 if op["key"] in written:
                     raise CommandError(f"duplicate key {op['key']!r} in txn {branch}", field=branch)
                 written.add(op["key"])
+            elif op["op"] == "delete":
+                ranges.append((op["key"], op["range_end"]))
+        for key in written:
+            for start, end in ranges:
+                if start <= key and (end == b"\x00" or key < end):
+                    raise CommandError(f"duplicate key {key!r} in txn {branch}: also in a deleted range", field=branch)
 
     @staticmethod
     def _parse_range(o: Mapping[str, Any]) -> dict[str, Any]:

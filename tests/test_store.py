@@ -749,7 +749,6 @@ def test_txn_same_key_in_both_branches_is_fine() -> None:
     assert kv(s, b"a") == (b"s", 2, 2, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="store.py bug: a txn put inside a range deleted by the same txn is accepted (etcd refuses)")
 def test_txn_put_inside_deleted_range_refused() -> None:
     """A txn that puts a key and deletes a range holding it writes one key twice; etcd refuses it."""
     s = Store()
@@ -883,7 +882,6 @@ def test_post_keys_sort_by_clock_and_messages_come_in_order() -> None:
     assert s.messages(since=22) == []
 
 
-@pytest.mark.xfail(strict=True, reason="store.py bug: messages(since=MAX_CLOCK) starts from the first message")
 def test_messages_since_max_clock_is_empty() -> None:
     """No clock is above 2**64-1, so messages(since=MAX_CLOCK) is empty."""
     s = Store()
@@ -1300,7 +1298,6 @@ def test_least_recently_used_session_is_evicted(monkeypatch: pytest.MonkeyPatch)
     assert s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1])).result["revision"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="store.py bug: results dropped past MAX_RESULTS_PER_SESSION are applied again on retry")
 def test_retry_after_per_session_cap_is_never_applied_twice() -> None:
     """A request whose result was dropped for room must be refused as a duplicate, not applied again."""
     s = Store()
@@ -1312,7 +1309,6 @@ def test_retry_after_per_session_cap_is_never_applied_twice() -> None:
     assert res["error"]["code"] == "duplicate_request"
 
 
-@pytest.mark.xfail(strict=True, reason="store.py hazard: the result returned is the dict the session keeps")
 def test_mutating_a_returned_result_does_not_change_the_store() -> None:
     """A caller that edits a result it got back must not change the replica's state."""
     s = Store()
