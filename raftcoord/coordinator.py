@@ -561,7 +561,15 @@ class Transaction:
         compare += [{"key": k, "range_end": e, "target": "keys", "value": seen} for k, e, seen in self._ranges]
         ops: list[dict[str, Any]] = []
         if self._truncated:
-            ops.append({"op": "delete", "key": b"\x00", "range_end": b"\x00"})
+            # Delete every user key except those this transaction writes: one
+            # revision may not both delete and write a key (etcd's rule), so
+            # the truncation covers only the gaps between written keys.
+            start = b"\x00"
+            for k in sorted(self._writes):
+                if start < k:
+                    ops.append({"op": "delete", "key": start, "range_end": k})
+                start = k + b"\x00"
+            ops.append({"op": "delete", "key": start, "range_end": b"\x00"})
         for k, v in self._writes.items():
             ops.append({"op": "put", "key": k, "value": v} if v is not None else {"op": "delete", "key": k})
         result = self._coord.execute({"op": "txn", "compare": compare, "success": ops, "failure": []})

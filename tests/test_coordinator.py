@@ -178,13 +178,16 @@ def test_transact_cancelled_by_exception(coord: Coordinator) -> None:
 def test_transact_truncate(coord: Coordinator) -> None:
     """truncate removes every user key but keeps node records."""
     coord.put(b"a", b"1")
+    coord.put(b"b", b"old")
+    coord.put(b"z", b"1")
     coord.set_node_state("up")
     with coord.transact() as txn:
         txn.truncate()
         with pytest.raises(KeyNotFoundError):
             txn.get(b"a")
         txn.set(b"b", b"2")
-    assert [kv.key for kv in coord.scan(b"a")] == []
+        txn.set(b"m", b"3")
+    assert [kv.key for kv in coord.scan()] == [b"b", b"m"]
     assert coord.get(b"b") == b"2"
     assert [s.host for s in coord.get_cluster_state()] == ["n1"]
 
