@@ -238,6 +238,10 @@ class _Record:
     mod_revision: int
     version: int
 
+    def kv(self, key: bytes) -> KeyValue:
+        """This record as the public, immutable KeyValue."""
+        return KeyValue(key, self.value, self.create_revision, self.mod_revision, self.version)
+
 
 @dataclass(slots=True)
 class _Session:
@@ -285,7 +289,7 @@ class Store:
     def get(self, key: bytes) -> KeyValue | None:
         """The key's current value and revisions, or None."""
         rec = self._data.get(key)
-        return None if rec is None else KeyValue(key, rec.value, rec.create_revision, rec.mod_revision, rec.version)
+        return None if rec is None else rec.kv(key)
 
     def range(
         self,
@@ -449,19 +453,19 @@ class Store:
 
     def _put(self, key: bytes, value: bytes, revision: int, events: list[Event]) -> KeyValue | None:
         rec = self._data.get(key)
-        prev = None if rec is None else KeyValue(key, rec.value, rec.create_revision, rec.mod_revision, rec.version)
+        prev = None if rec is None else rec.kv(key)
         if rec is None:
             rec = self._data[key] = _Record(value, revision, revision, 1)
         else:
             rec.value, rec.mod_revision, rec.version = value, revision, rec.version + 1
-        events.append(KeyPut(KeyValue(key, value, rec.create_revision, revision, rec.version), prev))
+        events.append(KeyPut(rec.kv(key), prev))
         return prev
 
     def _delete(self, keys: list[bytes], revision: int, events: list[Event]) -> list[KeyValue]:
         prevs = []
         for k in keys:
             rec = self._data.pop(k)
-            prev = KeyValue(k, rec.value, rec.create_revision, rec.mod_revision, rec.version)
+            prev = rec.kv(k)
             prevs.append(prev)
             events.append(KeyDeleted(k, revision, prev))
         return prevs
