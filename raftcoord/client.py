@@ -170,7 +170,7 @@ class Client:
         """One key; raises KeyNotFoundError if absent."""
         out = self.range(key, serializable=serializable)
         if not out["kvs"]:
-            raise KeyNotFoundError(f"key {key!r} not found", field="key")
+            raise KeyNotFoundError(f"key {key.decode('utf-8', 'backslashreplace')!r} not found", field="key")
         return out["kvs"][0]
 
     def scan(self, prefix: bytes, *, limit: int = 0, descending: bool = False, serializable: bool = False) -> dict[str, Any]:
