@@ -71,6 +71,16 @@ from raftcoord.keys import (
     is_reserved,
     prefix_end,
 )
+from raftcoord.events import (
+    Applied,
+    Event,
+    KeyDeleted,
+    KeyPut,
+    KeyValue,
+    MessagePosted,
+    NodeStateSet,
+    RangeResult,
+)
 from raftcoord.values import Message, NodeState, decode_cbor, encode_cbor
 
 __all__ = [
@@ -96,94 +106,6 @@ FIRST_REVISION: Final = 1  # as in etcd: an empty store is at revision 1
 
 _COMPARE_TARGETS: Final = ("value", "version", "create", "mod", "keys")
 _COMPARE_RESULTS: Final = ("equal", "not_equal", "greater", "less")
-
-
-# --------------------------------------------------------------------------
-# Values returned and events emitted
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """One key with its value and etcd-style revisions."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-
-    def to_map(self, *, keys_only: bool = False) -> dict[str, Any]:
-        """The key-value in etcd's field names."""
-        out: dict[str, Any] = {
-            "key": self.key,
-            "create_revision": self.create_revision,
-            "mod_revision": self.mod_revision,
-            "version": self.version,
-        }
-        if not keys_only:
-            out["value"] = self.value
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class RangeResult:
-    """The answer to a range read."""
-
-    kvs: tuple[KeyValue, ...]
-    count: int
-    more: bool
-
-    def to_map(self, *, keys_only: bool = False, count_only: bool = False) -> dict[str, Any]:
-        """The result in etcd's field names."""
-        kvs = [] if count_only else [kv.to_map(keys_only=keys_only) for kv in self.kvs]
-        return {"kvs": kvs, "count": self.count, "more": self.more}
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPut:
-    """A key was created or changed."""
-
-    kv: KeyValue
-    prev: KeyValue | None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyDeleted:
-    """A key was deleted at ``revision``."""
-
-    key: bytes
-    revision: int
-    prev: KeyValue
-
-
-@dataclass(frozen=True, slots=True)
-class MessagePosted:
-    """A message entered the message box with its clock assigned."""
-
-    message: Message
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStateSet:
-    """A node's state record was written."""
-
-    state: NodeState
-
-
-Event = KeyPut | KeyDeleted | MessagePosted | NodeStateSet
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What applying one command gave: its result and the events it caused."""
-
-    result: dict[str, Any]
-    events: tuple[Event, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when the command was applied (not refused)."""
-        return bool(self.result.get("ok"))
 
 
 # --------------------------------------------------------------------------
