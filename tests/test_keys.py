@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strategies import mutated
 from raftcoord.errors import DecodeError, KeyFormatError
 from raftcoord.keys import (
     CATEGORY_MESSAGE,
@@ -510,23 +511,6 @@ def test_fuzz_key_decoders_raise_only_decode_error(decoder, data):
     run_decoder(decoder, data)
 
 
-@st.composite
-def mutated(draw, valid):
-    """A valid encoding with a few bytes flipped, inserted or deleted."""
-    data = bytearray(draw(valid))
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if op == "flip" and data:
-            i = draw(st.integers(min_value=0, max_value=len(data) - 1))
-            data[i] ^= draw(st.integers(min_value=1, max_value=255))
-        elif op == "insert":
-            i = draw(st.integers(min_value=0, max_value=len(data)))
-            data.insert(i, draw(st.integers(min_value=0, max_value=255)))
-        elif op == "delete" and data:
-            del data[draw(st.integers(min_value=0, max_value=len(data) - 1))]
-        elif op == "truncate":
-            del data[draw(st.integers(min_value=0, max_value=len(data))) :]
-    return bytes(data)
 
 
 valid_keys = st.one_of(node_keys.map(NodeKey.encode), message_keys.map(MessageKey.encode))

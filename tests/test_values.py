@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from strategies import mutated
 from raftcoord.errors import DecodeError, KeyFormatError, ValueFormatError
 from raftcoord.values import (
     Event,
@@ -991,23 +992,6 @@ def run_decoders(data):
             pass
 
 
-@st.composite
-def mutated(draw, valid):
-    """A valid encoding with a few bytes flipped, inserted, deleted or cut off."""
-    data = bytearray(draw(valid))
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if op == "flip" and data:
-            i = draw(st.integers(min_value=0, max_value=len(data) - 1))
-            data[i] ^= draw(st.integers(min_value=1, max_value=255))
-        elif op == "insert":
-            i = draw(st.integers(min_value=0, max_value=len(data)))
-            data.insert(i, draw(st.integers(min_value=0, max_value=255)))
-        elif op == "delete" and data:
-            del data[draw(st.integers(min_value=0, max_value=len(data) - 1))]
-        elif op == "truncate":
-            del data[draw(st.integers(min_value=0, max_value=len(data))) :]
-    return bytes(data)
 
 
 VECTORS = [
