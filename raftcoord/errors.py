@@ -33,9 +33,13 @@ __all__ = [
     "InvalidInputError",
     "KeyFormatError",
     "KeyNotFoundError",
+    "LimitExceededError",
     "NotLeaderError",
     "RaftcoordError",
+    "ReplicaFailedError",
+    "RequestTooLargeError",
     "ReservedKeyError",
+    "SessionExpiredError",
     "TimeoutError",
     "UnavailableError",
     "UnknownOutcomeError",
@@ -103,6 +107,20 @@ class ReservedKeyError(CommandError):
     code = "reserved_key"
 
 
+class LimitExceededError(InvalidInputError):
+    """A request passed one of the limits a client can reach (ops per txn,
+    response size, ...); the message names the limit and its setting."""
+
+    code = "limit_exceeded"
+
+
+class RequestTooLargeError(LimitExceededError):
+    """A request body or command is larger than the configured limit."""
+
+    http_status = 413
+    code = "request_too_large"
+
+
 class ConfigError(InvalidInputError):
     """A configuration file or option is wrong; the message names the setting."""
 
@@ -146,6 +164,18 @@ class DuplicateRequestError(RaftcoordError):
     code = "duplicate_request"
 
 
+class SessionExpiredError(RaftcoordError):
+    """The client session named in a request id is not (or no longer) known.
+
+    The state machine forgets sessions it cannot keep; a request of a
+    forgotten session is refused rather than applied a second time. Whether
+    an earlier attempt of it applied is unknown to the caller.
+    """
+
+    http_status = 409
+    code = "session_expired"
+
+
 class AuthError(RaftcoordError):
     """Missing or wrong credentials."""
 
@@ -158,6 +188,12 @@ class UnavailableError(RaftcoordError):
 
     http_status = 503
     code = "unavailable"
+
+
+class ReplicaFailedError(UnavailableError):
+    """This replica stopped applying the log (fail-stop) and serves nothing."""
+
+    code = "replica_failed"
 
 
 class NotLeaderError(UnavailableError):

@@ -100,11 +100,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON
-from pysyncobj.journal import FileJournal
 from pysyncobj.poller import POLL_EVENT_TYPE
-from pysyncobj.transport import TCPTransport
 
 from raftcoord.errors import (
     ConfigError,
@@ -115,7 +113,9 @@ from raftcoord.errors import (
     UnknownOutcomeError,
     ValueFormatError,
 )
-from raftcoord.values import decode_cbor, encode_cbor
+from raftcoord.engine import Engine, Throttle
+from raftcoord.raftfiles import Dump, FlushedJournal, align_journal, decode_dump, encode_dump, fsync_path
+from raftcoord.values import encode_cbor
 
 if TYPE_CHECKING:
     from raftcoord.store import Applied, Store
@@ -137,8 +137,6 @@ NOT_APPLIED: Final = frozenset(
 _REASON_NAMES: Final = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
 _BACKOFF: Final = (0.01, 0.25)  # first and longest pause between refused attempts
-_DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
-_DUMP_VERSION: Final = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,260 +208,6 @@ class ReplicaSettings:
         """``connection_timeout`` with its default filled in."""
         v = self.connection_timeout
         return max(3.5, self.election_timeout_max) if v is None else v
-
-
-# --------------------------------------------------------------------------
-# Snapshot files: the store's CBOR plus the two log entries pysyncobj keeps.
-
-Entry = tuple[bytes, int, int]  # pysyncobj log entry: (command, index, term)
-
-
-@dataclass(frozen=True, slots=True)
-class _Dump:
-    last: Entry  # the last applied entry; the state includes it
-    prev: Entry  # the entry before it
-    cluster: tuple[str, ...]
-    state: bytes  # store.snapshot()
-
-
-def _encode_dump(dump: _Dump) -> bytes:
-    return encode_cbor({
-        "format": _DUMP_FORMAT,
-        "version": _DUMP_VERSION,
-        "last": list(dump.last),
-        "prev": list(dump.prev),
-        "cluster": list(dump.cluster),
-        "state": dump.state,
-    })
-
-
-def _decode_dump(data: bytes) -> _Dump:
-    obj = decode_cbor(data, what="snapshot file")
-
-    def entry(name: str) -> Entry:
-        e = obj.get(name)
-        if (not isinstance(e, list) or len(e) != 3 or not isinstance(e[0], bytes)
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in e[1:])):
-            raise ValueFormatError(f"snapshot file {name} entry is malformed", field=name)
-        return (e[0], e[1], e[2])
-
-    if not isinstance(obj, dict) or obj.get("format") != _DUMP_FORMAT:
-        raise ValueFormatError("not a raftcoord snapshot file", field="format")
-    if obj.get("version") != _DUMP_VERSION:
-        raise ValueFormatError(f"unsupported snapshot file version {obj.get('version')!r}", field="version")
-    cluster = obj.get("cluster")
-    if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
-        raise ValueFormatError("snapshot file cluster must be a list of addresses", field="cluster")
-    if not isinstance(obj.get("state"), bytes):
-        raise ValueFormatError("snapshot file state must be bytes", field="state")
-    return _Dump(entry("last"), entry("prev"), tuple(cluster), obj["state"])
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _align_journal(journal_path: Path, dump: _Dump) -> int:
-    """Drop journal entries older than the snapshot; return how many went.
-
-    pysyncobj writes the snapshot, then trims the journal on its next tick.
-    Killed in between, it restarts with a journal that does not begin with
-    the snapshot's two entries, clears the whole journal and so loses the
-    entries after the snapshot. Trimming here first keeps them.
-    """
-    if not journal_path.exists():
-        return 0
-    journal = FileJournal(str(journal_path))
-    try:
-        if len(journal) < 2 or (journal[0] == dump.prev and journal[1] == dump.last):
-            return 0
-        pos = dump.prev[1] - journal[0][1]
-        if 0 < pos < len(journal) - 1 and journal[pos] == dump.prev and journal[pos + 1] == dump.last:
-            journal.deleteEntriesTo(pos)
-            return pos
-        return 0
-    finally:
-        journal._destroy()
-
-
-class _FlushedJournal:
-    """pysyncobj's FileJournal, msync'ed after each change (``fsync=True``)."""
-
-    def __init__(self, inner: FileJournal, meta_path: Path) -> None:
-        self._inner = inner
-        self._meta = meta_path
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._inner[item]
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        self._inner.add(command, idx, term)
-        self._inner.flush()
-
-    def clear(self) -> None:
-        self._inner.clear()
-        self._inner.flush()
-
-    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 - pysyncobj's name
-        self._inner.deleteEntriesFrom(entry_from)
-        self._inner.flush()
-
-    def deleteEntriesTo(self, entry_to: int) -> None:  # noqa: N802
-        self._inner.deleteEntriesTo(entry_to)
-        self._inner.flush()
-
-    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
-        self._inner.setCurrentTerm(term, voted_for)  # written and renamed before a vote is sent
-        _fsync_path(self._meta)
-        _fsync_path(self._meta.parent)
-
-    def onOneSecondTimer(self) -> None:  # noqa: N802
-        self._inner.onOneSecondTimer()
-
-
-# --------------------------------------------------------------------------
-# The guards on incoming append_entries (hazards 3 and 5).
-
-
-def _cap_snapshot_commit(engine: _Engine, message: dict[str, Any]) -> dict[str, Any]:
-    """Hazard 3: a snapshot chunk must not commit this replica's own entries."""
-    if "prevLogIdx" not in message and message["commit_index"] > engine.raftCommitIndex:
-        return {**message, "commit_index": engine.raftCommitIndex}
-    return message
-
-
-def _skip_held_entries(engine: _Engine, message: dict[str, Any]) -> dict[str, Any]:
-    """Hazard 5: do not let pysyncobj delete entries this replica already holds."""
-    prev_idx, prev_term = message.get("prevLogIdx"), message.get("prevLogTerm")
-    if prev_idx is None or message.get("transmission") is not None:
-        return message
-    if engine.rc_term_at(prev_idx) != prev_term:
-        return message  # pysyncobj refuses it
-    entries = message.get("entries") or []
-    held = 0
-    for _command, idx, term in entries:
-        if engine.rc_term_at(idx) != term:
-            break
-        held += 1  # same index and term: the same entry (Log Matching)
-    if held:
-        _command, prev_idx, prev_term = entries[held - 1]
-    rest = entries[held:]
-    if not rest:
-        last_idx, last_term = engine.rc_last_entry()
-        if last_idx > prev_idx and last_term == message["term"]:
-            # Entries of the leader's own term came from this leader: they
-            # are in its log, and so is everything before them.
-            prev_idx, prev_term = last_idx, last_term
-    if prev_idx == message["prevLogIdx"]:
-        return message
-    return {**message, "entries": rest, "prevLogIdx": prev_idx, "prevLogTerm": prev_term}
-
-
-class _Throttle:
-    """Lets a repeated log line through at most once per ``interval``."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.suppressed = 0
-        self._next = 0.0
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.suppressed += 1
-            return False
-        self._next = now + self.interval
-        return True
-
-    def take(self) -> int:
-        n, self.suppressed = self.suppressed, 0
-        return n
-
-
-class _GuardedTransport(TCPTransport):
-    """pysyncobj's TCP transport with the append_entries guards and peer logs."""
-
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
-        self._rc_up: set[Any] = set()
-        self._rc_flaps: dict[Any, _Throttle] = {}
-        self._rc_refused = _Throttle(60.0)
-        super().__init__(syncObj, selfNode, otherNodes)
-
-    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        if type(message) is dict and message.get("type") == "append_entries":
-            if message.get("term", -1) >= self._syncObj.raftCurrentTerm:
-                message = _skip_held_entries(self._syncObj, _cap_snapshot_commit(self._syncObj, message))
-        super()._onMessageReceived(node, message)
-
-    def _onNodeConnected(self, node: Any) -> None:  # noqa: N802
-        if node not in self._rc_up:
-            self._rc_up.add(node)
-            flaps = self._rc_flaps.get(node)
-            (log.debug if flaps is not None and flaps.suppressed else log.info)("raft peer %s connected", node)
-        super()._onNodeConnected(node)
-
-    def _onNodeDisconnected(self, node: Any) -> None:  # noqa: N802
-        if node in self._rc_up:
-            self._rc_up.discard(node)
-            flaps = self._rc_flaps.setdefault(node, _Throttle(30.0))
-            if flaps():  # a peer that keeps reconnecting is reported twice a minute
-                log.warning("raft peer %s disconnected (%d more disconnects not logged)", node, flaps.take())
-            else:
-                log.debug("raft peer %s disconnected", node)
-        super()._onNodeDisconnected(node)
-
-    def _onReadonlyNodeConnected(self, node: Any) -> None:  # noqa: N802
-        log.info("non-voting replica connected")
-        super()._onReadonlyNodeConnected(node)
-
-    def _onDisconnected(self, conn: Any) -> None:  # noqa: N802
-        if conn in self._unknownConnections and self._rc_refused():
-            # pysyncobj drops a peer that fails authentication without a word
-            # (upstream issue 175); this is the only trace of it.
-            log.warning("closed an incoming raft connection that did not identify itself "
-                        "(wrong cluster secret, or not a raft peer?); %d more not logged",
-                        self._rc_refused.take())
-        super()._onDisconnected(conn)
-
-
-# --------------------------------------------------------------------------
-# The engine: a SyncObj with one replicated method.
-
-
-class _Engine(SyncObj):
-    """pysyncobj's SyncObj carrying ``apply(command_bytes)``, and nothing else."""
-
-    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 sink: Callable[[bytes], dict[str, Any]]) -> None:
-        self._rc_sink = sink
-        super().__init__(self_address, partners, conf=conf, transportClass=_GuardedTransport)
-
-    @replicated
-    def apply(self, command: bytes) -> dict[str, Any]:
-        """The one replicated method (hazard 8): apply a command to the store."""
-        return self._rc_sink(command)
-
-    # pysyncobj keeps its log private; these are the only reads of it.
-    def rc_term_at(self, idx: int) -> int | None:
-        """The term of the entry at ``idx`` in this replica's log, or None."""
-        journal = self._SyncObj__raftLog  # type: ignore[attr-defined]
-        pos = idx - journal[0][1]
-        return journal[pos][2] if 0 <= pos < len(journal) else None
-
-    def rc_last_entry(self) -> tuple[int, int]:
-        """``(index, term)`` of the last entry in this replica's log."""
-        entry = self._SyncObj__raftLog[-1]  # type: ignore[attr-defined]
-        return entry[1], entry[2]
 
 
 # --------------------------------------------------------------------------
@@ -588,8 +332,8 @@ class Replica:
         self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._stop = threading.Event()
         self._leader_seen: tuple[Any, int] | None = None
-        self._tick_errors = _Throttle(10.0)
-        self._giveups = _Throttle(5.0)
+        self._tick_errors = Throttle(10.0)
+        self._giveups = Throttle(5.0)
         self._dump_written = False
         self._startup_dump: tuple[tuple[int, int], Store] | None = None
 
@@ -619,20 +363,20 @@ class Replica:
         self._thread.start()
         self._barrier_thread.start()
 
-    def _start_engine(self, partners: list[str], password: str | None, bind: str | None) -> _Engine:
+    def _start_engine(self, partners: list[str], password: str | None, bind: str | None) -> Engine:
         s = self.settings
         journal = self.data_dir / "raft.journal"
         dump_path = self.data_dir / "raft.snapshot"
         if dump_path.exists():
             try:
                 stat = dump_path.stat()
-                dump = _decode_dump(dump_path.read_bytes())
+                dump = decode_dump(dump_path.read_bytes())
                 self._startup_dump = ((stat.st_mtime_ns, stat.st_size), self._sm.restore(dump.state))
             except (OSError, RaftcoordError) as exc:
                 # Starting without it would replay a compacted journal from
                 # nothing: a silently different state.
                 raise ValueFormatError(f"{dump_path}: cannot use the snapshot: {exc}", field="data_dir") from None
-            dropped = _align_journal(journal, dump)
+            dropped = align_journal(journal, dump)
             if dropped:
                 log.warning("%s: dropped %d journal entries already in the snapshot "
                             "(the last run stopped while compacting)", journal, dropped)
@@ -659,12 +403,12 @@ class Replica:
             onStateChanged=self._on_state_changed,
         )
         try:
-            engine = _Engine(self.self_address, partners, conf, self._apply)
+            engine = Engine(self.self_address, partners, conf, self._apply)
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises plain Exception subclasses
             raise UnavailableError(f"cannot start the raft engine on {self.self_address}: {exc}",
                                    field="raft") from None
         if s.fsync:
-            engine._SyncObj__raftLog = _FlushedJournal(  # type: ignore[attr-defined]
+            engine._SyncObj__raftLog = FlushedJournal(  # type: ignore[attr-defined]
                 engine._SyncObj__raftLog, Path(str(journal) + ".meta"))  # type: ignore[attr-defined]
         return engine
 
@@ -683,7 +427,7 @@ class Replica:
                 if self._dump_written:
                     self._dump_written = False
                     if self.settings.fsync:
-                        _fsync_path(self.data_dir)  # the snapshot's rename
+                        fsync_path(self.data_dir)  # the snapshot's rename
                 self._run_tasks()
                 self._watch_leader()
         finally:
@@ -722,7 +466,7 @@ class Replica:
         """pysyncobj ``serializer`` hook (Raft thread): the store's CBOR snapshot."""
         last, prev, cluster = data
         started = time.monotonic()
-        blob = _encode_dump(_Dump(
+        blob = encode_dump(Dump(
             (bytes(last[0]), last[1], last[2]),
             (bytes(prev[0]), prev[1], prev[2]),
             tuple(sorted(n.id for n in cluster if n is not None)),
@@ -743,7 +487,7 @@ class Replica:
 
         Raises on a bad file, so that pysyncobj keeps its log as it is.
         """
-        dump = _decode_dump(Path(path).read_bytes())
+        dump = decode_dump(Path(path).read_bytes())
         early, self._startup_dump = self._startup_dump, None
         stat = os.stat(path)
         if early is not None and early[0] == (stat.st_mtime_ns, stat.st_size):
@@ -751,8 +495,8 @@ class Replica:
         else:
             store = self._sm.restore(dump.state)
         if self.settings.fsync:
-            _fsync_path(Path(path))
-            _fsync_path(Path(path).parent)
+            fsync_path(Path(path))
+            fsync_path(Path(path).parent)
         with self._state_lock:
             self._store = store
             if self._on_restored is not None:

@@ -27,6 +27,8 @@ from replica_support import free_port, put, put_keys, wait_for
 from replica_support.procs import NodeProcess
 from replica_support.proxy import FaultProxy
 
+import raftcoord.engine as engine_mod
+import raftcoord.raftfiles as raftfiles
 import raftcoord.replica as replica_mod
 from raftcoord.errors import (
     ConfigError,
@@ -422,7 +424,7 @@ def test_cut_off_leader_writes_are_never_reported_applied(cluster: Cluster) -> N
 def test_cut_off_leader_writes_reported_applied_without_the_guard(
         cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hazard 3 reproduced: without the guard, never-committed writes are reported applied."""
-    monkeypatch.setattr(replica_mod, "_cap_snapshot_commit", lambda engine, message: message)
+    monkeypatch.setattr(engine_mod, "cap_snapshot_commit", lambda engine, message: message)
     phantoms, _, _ = _phantom_writes(cluster)
     assert any(isinstance(o, dict) and o["ok"] for o in phantoms.values())
 
@@ -470,7 +472,7 @@ def test_held_entries_are_not_truncated_under_load(cluster: Cluster) -> None:
 
 def test_held_entries_truncated_without_the_guard(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hazard 5 reproduced: without the guard, followers delete and rewrite entries they hold."""
-    monkeypatch.setattr(replica_mod, "_skip_held_entries", lambda engine, message: message)
+    monkeypatch.setattr(engine_mod, "skip_held_entries", lambda engine, message: message)
     assert _truncations_under_load(cluster, 1.5) > 0
 
 
@@ -533,7 +535,7 @@ def test_snapshots_are_the_stores_cbor_and_a_restart_restores_everything(tmp_pat
         before = snap(r)
     raw = (tmp_path / "raft.snapshot").read_bytes()
     assert raw[:1] != b"\x80" and raw[:2] != b"\x1f\x8b"  # neither pickle nor gzip
-    dump = replica_mod._decode_dump(raw)
+    dump = raftfiles.decode_dump(raw)
     Store.restore(dump.state)
     with Replica(addr, [], tmp_path, password=None, settings=settings) as r:
         wait_for(lambda: snap(r) == before, 10, "the state back")
@@ -550,7 +552,7 @@ def test_an_untrimmed_journal_loses_entries_without_alignment(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Reproduced: pysyncobj alone clears a journal that does not start at the snapshot."""
     before = _crash_between_snapshot_and_trim(tmp_path)
-    monkeypatch.setattr(replica_mod, "_align_journal", lambda journal, dump: 0)
+    monkeypatch.setattr(replica_mod, "align_journal", lambda journal, dump: 0)
     with Replica(f"127.0.0.1:{free_port()}", [], tmp_path, password=None) as r:
         wait_for(lambda: r.status()["role"] == "leader", 5, "leadership")
         r.read_barrier(5)

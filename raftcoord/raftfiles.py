@@ -1,0 +1,141 @@
+"""The replica's files: snapshot dumps, the journal's alignment, flushed journals.
+
+pysyncobj keeps its log in a journal file (mmap) and its state in a full-dump
+file written through ``serializer`` hooks. raftcoord writes that dump as the
+store's own canonical CBOR (never pickle, hazard 9) beside the two log
+entries pysyncobj needs, and this module holds the byte layout of that file,
+the repair of a journal left untrimmed by a crash, and the journal wrapper
+that flushes every change when ``fsync`` is on (hazard 6).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pysyncobj.journal import FileJournal
+
+from raftcoord.errors import ValueFormatError
+from raftcoord.values import decode_cbor, encode_cbor
+
+__all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "fsync_path"]
+
+DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
+DUMP_VERSION: Final = 1
+
+Entry = tuple[bytes, int, int]  # pysyncobj log entry: (command, index, term)
+
+
+@dataclass(frozen=True, slots=True)
+class Dump:
+    last: Entry  # the last applied entry; the state includes it
+    prev: Entry  # the entry before it
+    cluster: tuple[str, ...]
+    state: bytes  # store.snapshot()
+
+
+def encode_dump(dump: Dump) -> bytes:
+    return encode_cbor({
+        "format": DUMP_FORMAT,
+        "version": DUMP_VERSION,
+        "last": list(dump.last),
+        "prev": list(dump.prev),
+        "cluster": list(dump.cluster),
+        "state": dump.state,
+    })
+
+
+def decode_dump(data: bytes) -> Dump:
+    obj = decode_cbor(data, what="snapshot file")
+
+    def entry(name: str) -> Entry:
+        e = obj.get(name)
+        if (not isinstance(e, list) or len(e) != 3 or not isinstance(e[0], bytes)
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in e[1:])):
+            raise ValueFormatError(f"snapshot file {name} entry is malformed", field=name)
+        return (e[0], e[1], e[2])
+
+    if not isinstance(obj, dict) or obj.get("format") != DUMP_FORMAT:
+        raise ValueFormatError("not a raftcoord snapshot file", field="format")
+    if obj.get("version") != DUMP_VERSION:
+        raise ValueFormatError(f"unsupported snapshot file version {obj.get('version')!r}", field="version")
+    cluster = obj.get("cluster")
+    if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
+        raise ValueFormatError("snapshot file cluster must be a list of addresses", field="cluster")
+    if not isinstance(obj.get("state"), bytes):
+        raise ValueFormatError("snapshot file state must be bytes", field="state")
+    return Dump(entry("last"), entry("prev"), tuple(cluster), obj["state"])
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def align_journal(journal_path: Path, dump: Dump) -> int:
+    """Drop journal entries older than the snapshot; return how many went.
+
+    pysyncobj writes the snapshot, then trims the journal on its next tick.
+    Killed in between, it restarts with a journal that does not begin with
+    the snapshot's two entries, clears the whole journal and so loses the
+    entries after the snapshot. Trimming here first keeps them.
+    """
+    if not journal_path.exists():
+        return 0
+    journal = FileJournal(str(journal_path))
+    try:
+        if len(journal) < 2 or (journal[0] == dump.prev and journal[1] == dump.last):
+            return 0
+        pos = dump.prev[1] - journal[0][1]
+        if 0 < pos < len(journal) - 1 and journal[pos] == dump.prev and journal[pos + 1] == dump.last:
+            journal.deleteEntriesTo(pos)
+            return pos
+        return 0
+    finally:
+        journal._destroy()
+
+
+class FlushedJournal:
+    """pysyncobj's FileJournal, msync'ed after each change (``fsync=True``)."""
+
+    def __init__(self, inner: FileJournal, meta_path: Path) -> None:
+        self._inner = inner
+        self._meta = meta_path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._inner[item]
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        self._inner.add(command, idx, term)
+        self._inner.flush()
+
+    def clear(self) -> None:
+        self._inner.clear()
+        self._inner.flush()
+
+    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 - pysyncobj's name
+        self._inner.deleteEntriesFrom(entry_from)
+        self._inner.flush()
+
+    def deleteEntriesTo(self, entry_to: int) -> None:  # noqa: N802
+        self._inner.deleteEntriesTo(entry_to)
+        self._inner.flush()
+
+    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
+        self._inner.setCurrentTerm(term, voted_for)  # written and renamed before a vote is sent
+        fsync_path(self._meta)
+        fsync_path(self._meta.parent)
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802
+        self._inner.onOneSecondTimer()
