@@ -19,7 +19,7 @@ also checks that replicas stay byte-identical:
     post from= clock= type=U [event=C] [payload=JSON] ts=2026-01-01T00:00:00Z [req=...]
     node host= status= clock= ts= [addr=] [cluster=] [any=extra]
     purge [before=ts] [max_count=n]
-    truncate | barrier
+    truncate | barrier | session   (session registers a client: c<applied>)
     cmd {JSON}            any command map, JSON types kept; strings "b:..." are
                           bytes and "t:..." timestamps (for malformed commands)
     raw hex=...           raw command bytes (garbage)
@@ -265,7 +265,7 @@ def build_command(name: str, rest: str) -> bytes:
             cmd["before"] = _ts(args.pop("before"))
         if "max_count" in args:
             cmd["max_count"] = _int(args.pop("max_count"))
-    elif name not in ("truncate", "barrier"):
+    elif name not in ("truncate", "barrier", "session"):
         raise ScriptError(f"unknown command {name!r}")
     if args:
         raise ScriptError(f"unknown arguments for {name}: {sorted(args)}")
@@ -421,7 +421,7 @@ _READ_ARGS = {
     "range": {"key", "range_end", "prefix", "limit", "offset", "desc"},
     "messages": {"since", "limit"},
 }
-_WRITES = {"put", "delete", "txn", "post", "node", "purge", "truncate", "barrier", "cmd", "raw"}
+_WRITES = {"put", "delete", "txn", "post", "node", "purge", "truncate", "barrier", "session", "cmd", "raw"}
 
 
 def execute(reps: Replicas, line: str) -> list[str]:

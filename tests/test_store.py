@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raftcoord import store as store_module
-from raftcoord.errors import CompactedError, ValueFormatError
+from raftcoord.commands import MAX_TXN_OPS
+from raftcoord.errors import CommandError, CompactedError, LimitExceededError, ValueFormatError
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, NODE_PREFIX, MessageKey, NodeKey, prefix_end
 from raftcoord.store import (
     MAX_COMMAND_BYTES,
@@ -33,7 +34,11 @@ from raftcoord.store import (
     MessagePosted,
     NodeStateSet,
     Store,
+    is_read_only_txn,
+    read_txn,
 )
+from raftcoord import txn as txn_module
+from raftcoord.txn import MAX_TXN_KEYS
 from raftcoord.values import Message, NodeState, NodeStatus, decode_cbor, encode_cbor
 
 UTC = timezone.utc
@@ -93,6 +98,13 @@ def refused(store: Store, raw: bytes | Any, code: str, field: str | None = None)
     assert state(store) == before
     assert store.applied == applied_before + 1
     return applied.result
+
+
+def register(store: Store, *expected: str) -> list[str]:
+    """Register one session per expected id; the store assigns ``c<applied>``, so on a fresh store c1, c2, ..."""
+    ids = [run(store, "session")["client"] for _ in expected]
+    assert ids == list(expected)
+    return ids
 
 
 def kv(store: Store, key: bytes) -> tuple[bytes, int, int, int] | None:
@@ -1193,6 +1205,7 @@ def test_barrier_changes_nothing() -> None:
 def test_retry_returns_same_result_and_applies_once() -> None:
     """A retried request id answers the first result and does not apply again."""
     s = Store()
+    register(s, "c1", "c2")
     raw = command("put", key=b"a", value=b"1", req=["c1", 1, 1])
     first = s.apply(raw)
     assert first.result == {"ok": True, "revision": 2}
@@ -1208,7 +1221,8 @@ def test_retry_returns_same_result_and_applies_once() -> None:
 def test_retry_of_a_post_does_not_tick_the_clock() -> None:
     """A retried post gets its first clock back; the coordinator clock does not move."""
     s = Store()
-    raw = command("post", from_="n1", clock=0, type=U, timestamp=T0, req=["n1", 1, 1])
+    register(s, "c1", "c2")
+    raw = command("post", from_="n1", clock=0, type=U, timestamp=T0, req=["c1", 1, 1])
     assert s.apply(raw).result["message"]["clock"] == 1
     assert s.apply(raw).result["message"]["clock"] == 1
     assert s.clock == 1 and len(s.messages()) == 1
@@ -1217,6 +1231,7 @@ def test_retry_of_a_post_does_not_tick_the_clock() -> None:
 def test_retry_answers_the_first_result_even_with_another_body() -> None:
     """The request id decides: a different body under a known id gets the remembered result."""
     s = Store()
+    register(s, "c1", "c2")
     s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1]))
     res = s.apply(command("put", key=b"a", value=b"2", req=["c1", 1, 1])).result
     assert res == {"ok": True, "revision": 2} and kv(s, b"a") == (b"1", 2, 2, 1)
@@ -1225,6 +1240,7 @@ def test_retry_answers_the_first_result_even_with_another_body() -> None:
 def test_refused_command_with_req_is_remembered_as_refused() -> None:
     """A refused command under a request id answers the same error when retried, without other change."""
     s = Store()
+    register(s, "c1", "c2")
     raw = command("put", key=NODE_PREFIX + b"x", value=b"1", req=["c1", 1, 1])
     first = s.apply(raw).result
     assert first["error"]["code"] == "reserved_key"
@@ -1236,6 +1252,7 @@ def test_refused_command_with_req_is_remembered_as_refused() -> None:
 def test_sequence_numbers_are_per_client() -> None:
     """Two clients may use the same seq; each is its own request."""
     s = Store()
+    register(s, "c1", "c2")
     s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1]))
     s.apply(command("put", key=b"a", value=b"2", req=["c2", 1, 1]))
     assert kv(s, b"a") == (b"2", 2, 3, 2)
@@ -1244,6 +1261,7 @@ def test_sequence_numbers_are_per_client() -> None:
 def test_seq_below_lowest_outstanding_is_a_duplicate() -> None:
     """Once a client says seq n is done (low > n), a retry of n is refused with duplicate_request."""
     s = Store()
+    register(s, "c1", "c2")
     s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1]))
     s.apply(command("put", key=b"b", value=b"1", req=["c1", 2, 1]))
     assert s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1])).result == {"ok": True, "revision": 2}
@@ -1258,6 +1276,7 @@ def test_seq_below_lowest_outstanding_is_a_duplicate() -> None:
 def test_sessions_survive_snapshot_and_restore() -> None:
     """A retry after snapshot/restore still answers the remembered result."""
     s = Store()
+    register(s, "c1", "c2")
     raw = command("put", key=b"a", value=b"1", req=["c1", 1, 1])
     first = s.apply(raw).result
     restored = Store.restore(s.snapshot())
@@ -1283,24 +1302,14 @@ def test_sessions_survive_snapshot_and_restore() -> None:
 def test_malformed_req_refused(req: Any) -> None:
     """A malformed req is refused before anything is applied or remembered."""
     s = Store()
+    register(s, "c1", "c2")
     refused(s, command("put", key=b"a", value=b"1", req=req), "command", "req")
-
-
-def test_least_recently_used_session_is_evicted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MAX_SESSIONS the least recently used client is forgotten (then a retry of it applies again)."""
-    monkeypatch.setattr(store_module, "MAX_SESSIONS", 2)
-    s = Store()
-    s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1]))
-    s.apply(command("put", key=b"b", value=b"1", req=["c2", 1, 1]))
-    s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1]))  # c1 used again: c2 is the oldest
-    s.apply(command("put", key=b"c", value=b"1", req=["c3", 1, 1]))
-    assert [sess[0] for sess in state(s)["sessions"]] == ["c1", "c3"]
-    assert s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1])).result["revision"] == 2
 
 
 def test_retry_after_per_session_cap_is_never_applied_twice() -> None:
     """A request whose result was dropped for room must be refused as a duplicate, not applied again."""
     s = Store()
+    register(s, "c1", "c2")
     for seq in range(MAX_RESULTS_PER_SESSION + 1):
         s.apply(command("put", key=b"k%d" % seq, value=b"v", req=["c1", seq, 0]))
     rev = s.revision
@@ -1312,6 +1321,7 @@ def test_retry_after_per_session_cap_is_never_applied_twice() -> None:
 def test_mutating_a_returned_result_does_not_change_the_store() -> None:
     """A caller that edits a result it got back must not change the replica's state."""
     s = Store()
+    register(s, "c1", "c2")
     res = s.apply(command("put", key=b"a", value=b"1", req=["c1", 1, 1])).result
     before = s.snapshot()
     res["revision"] = 99
@@ -1328,7 +1338,7 @@ def test_oversized_command_refused() -> None:
     s = _populated()
     big = command("put", key=b"big", value=b"x" * MAX_COMMAND_BYTES)
     assert len(big) > MAX_COMMAND_BYTES
-    refused(s, big, "command", "command")
+    refused(s, big, "request_too_large", "command")
     fits = command("put", key=b"big", value=b"x" * (MAX_COMMAND_BYTES - 64))
     assert len(fits) <= MAX_COMMAND_BYTES
     assert s.apply(fits).ok
@@ -1385,6 +1395,7 @@ def test_refused_commands_count_as_applied() -> None:
 def test_snapshot_restore_round_trip() -> None:
     """restore(snapshot()) gives a store with the same keys, revisions, clock, floor, sessions and bytes."""
     s = Store()
+    register(s, "c1")
     run(s, "put", key=b"a", value=b"1", req=["c1", 1, 1])
     run(s, "node", state=node_state(zone="x"))
     _five(s)
@@ -1409,6 +1420,8 @@ def test_snapshot_restore_round_trip() -> None:
         b"\xff",
         encode_cbor([]),
         encode_cbor({"format": 2}),
+        encode_cbor({"format": 3, "revision": 1, "clock": 0, "message_floor": 0, "applied": 0, "kvs": [], "sessions": []}),
+        encode_cbor({"format": 2, "revision": 1, "clock": 0, "message_floor": 0, "applied": 0, "kvs": [], "sessions": [["c1", 0, 0, [[1, 5]]]]}),
         encode_cbor({"format": 1}),
         encode_cbor({"format": 1, "revision": -1, "clock": 0, "message_floor": 0, "applied": 0, "kvs": [], "sessions": []}),
         encode_cbor({"format": 1, "revision": 1, "clock": 0, "message_floor": 0, "applied": 0, "kvs": [[b"b", b"", 2, 2, 1], [b"a", b"", 2, 2, 1]], "sessions": []}),
@@ -1421,3 +1434,354 @@ def test_restore_refuses_bad_snapshots(snap: bytes) -> None:
     """restore() raises ValueFormatError on a malformed snapshot, nothing else."""
     with pytest.raises(ValueFormatError):
         Store.restore(snap)
+
+
+# ---------------------------------------------------------------------------
+# Issue 6: bounded work per command, registered sessions
+# ---------------------------------------------------------------------------
+
+
+def _many_keys(n: int) -> Store:
+    s = Store()
+    for i in range(n):
+        assert s.apply_map({"op": "put", "key": b"k%05d" % i, "value": b"v%d" % i}).ok
+    return s
+
+
+def _timed_apply(s: Store, cmd: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    import time
+
+    start = time.perf_counter()
+    applied = s.apply(encode_cbor(cmd))
+    return applied.result, time.perf_counter() - start
+
+
+def test_issue6_d1_txn_of_3000_count_only_ranges_is_refused_fast() -> None:
+    """The request of death (3,000 count_only whole-range ops on 3,000 keys) is refused in well under 50 ms, state unchanged."""
+    s = _many_keys(3000)
+    ops = [{"op": "range", "key": b"\x00", "range_end": b"\x00", "count_only": True}] * 3000
+    before = state(s)
+    result, took = _timed_apply(s, {"op": "txn", "success": ops})
+    assert result["ok"] is False and result["error"]["code"] == "limit_exceeded", result
+    assert result["error"]["field"] == "success"
+    assert took < 0.05, took
+    assert state(s) == before
+
+
+def test_issue6_d1_txn_at_the_op_cap_answers_counts_fast() -> None:
+    """MAX_TXN_OPS count_only ranges over 3,000 keys are answered by bisection, well under 50 ms."""
+    s = _many_keys(3000)
+    ops = [{"op": "range", "key": b"\x00", "range_end": b"\x00", "count_only": True}] * MAX_TXN_OPS
+    result, took = _timed_apply(s, {"op": "txn", "success": ops})
+    assert result["ok"] and [r["count"] for r in result["responses"]] == [3000] * MAX_TXN_OPS
+    assert took < 0.05, took
+
+
+@pytest.mark.parametrize("branch", ["compare", "success", "failure"])
+def test_issue6_d1_txn_over_the_op_cap_is_refused(branch: str) -> None:
+    """More than MAX_TXN_OPS compares, success or failure ops: limit_exceeded naming the branch, nothing changes."""
+    s = _k_store()
+    item = {"key": b"k", "target": "version", "value": 1} if branch == "compare" else {"op": "put", "key": b"x", "value": b""}
+    items = [item] * (MAX_TXN_OPS + 1)
+    refused(s, command("txn", **{branch: items}), "limit_exceeded", branch)
+
+
+def test_issue6_d1_compares_may_cover_only_so_many_keys() -> None:
+    """Compares over more than MAX_TXN_KEYS keys (transact()'s "keys" compare too) are refused; at the cap they run."""
+    s = _many_keys(MAX_TXN_KEYS + 1)
+    whole = {"key": b"\x00", "range_end": b"\x00"}
+    refused(s, command("txn", compare=[{**whole, "target": "version", "value": 1}]), "limit_exceeded", "compare")
+    seen = [[kv.key, kv.mod_revision] for kv in s.range(*ALL).kvs]
+    refused(s, command("txn", compare=[{**whole, "target": "keys", "value": seen}]), "limit_exceeded", "compare")
+    half = {"key": b"k", "range_end": b"k%05d" % (MAX_TXN_KEYS // 2)}
+    two = [{**half, "target": "version", "value": 1}] * 2
+    assert run(s, "txn", compare=two)["succeeded"] is True
+    refused(s, command("txn", compare=[*two, {"key": b"k00000", "target": "version", "value": 1}]), "limit_exceeded", "compare")
+
+
+def test_issue6_d1_range_results_in_a_write_txn_are_bounded_and_writes_rolled_back() -> None:
+    """Range results over MAX_TXN_RESULT_BYTES refuse the txn, and the writes before the range are undone."""
+    s = Store()
+    for i in range(5):
+        run(s, "put", key=b"big%d" % i, value=bytes([i]) * (1024 * 1024))
+    run(s, "put", key=b"x", value=b"old")
+    before = state(s)
+    ops = [
+        {"op": "put", "key": b"x", "value": b"new"},
+        {"op": "put", "key": b"y", "value": b"new"},
+        {"op": "delete", "key": b"big4"},
+        {"op": "range", "key": b"big", "range_end": b"bih"},
+    ]
+    res = refused(s, command("txn", success=ops), "limit_exceeded", "responses")
+    assert res["revision"] == s.revision
+    assert state(s) == before
+    # keys_only, limit and count_only make the same read affordable
+    ok = run(s, "txn", success=[{**ops[3], "keys_only": True}, {**ops[3], "limit": 2}, {**ops[3], "count_only": True}])
+    assert [r["count"] for r in ok["responses"]] == [5, 5, 5]
+
+
+def test_issue6_d1_range_counts_by_bisection_and_walks_only_what_it_returns() -> None:
+    """range(limit=1) on 20,000 keys, 1,000 times, takes well under 100 ms (listing the whole range each time took 500)."""
+    import time
+
+    s = _many_keys(20000)
+    start = time.perf_counter()
+    for i in range(1000):
+        r = s.range(b"\x00", b"\x00", limit=1, offset=i * 7, descending=bool(i % 2))
+        assert r.count == 20000 and len(r.kvs) == 1
+    assert time.perf_counter() - start < 0.1
+
+
+def test_issue6_d2_read_txn_bounds_its_result_bytes() -> None:
+    """read_txn refuses with LimitExceededError naming max_response_bytes once its ranges would build more."""
+    s = _many_keys(100)
+    cmd = {"op": "txn", "success": [{"op": "range", "key": b"\x00", "range_end": b"\x00"}]}
+    assert is_read_only_txn(cmd)
+    full = read_txn(s, cmd, max_result_bytes=1 << 20)
+    assert full == run(s, "txn", **{k: v for k, v in cmd.items() if k != "op"})
+    with pytest.raises(LimitExceededError) as info:
+        read_txn(s, cmd, max_result_bytes=1000)
+    assert info.value.field == "max_response_bytes" and "max_response_bytes" in info.value.message
+    counted = read_txn(s, {**cmd, "success": [{**cmd["success"][0], "count_only": True}]}, max_result_bytes=0)
+    assert counted["responses"][0]["count"] == 100
+
+
+@pytest.mark.parametrize(
+    ("cmd", "expected"),
+    [
+        ({"op": "txn"}, True),
+        ({"op": "txn", "compare": [{"key": b"k", "target": "version", "value": 1}], "success": [{"op": "range", "key": b"k"}]}, True),
+        ({"op": "txn", "failure": [{"op": "put", "key": b"k", "value": b""}]}, False),
+        ({"op": "txn", "success": [{"op": "range", "key": b"k"}, {"op": "delete", "key": b"k"}]}, False),
+        ({"op": "txn", "success": "nope"}, False),
+        ({"op": "txn", "success": ["nope"]}, False),
+        ({"op": "put", "key": b"k", "value": b""}, False),
+        ("txn", False),
+        (None, False),
+    ],
+)
+def test_issue6_d2_is_read_only_txn(cmd: Any, expected: bool) -> None:
+    """is_read_only_txn: a txn whose branches only range; never raises."""
+    assert is_read_only_txn(cmd) is expected
+
+
+@pytest.mark.parametrize(
+    ("cmd", "error"),
+    [
+        ({"op": "txn", "success": [{"op": "put", "key": b"k", "value": b""}]}, CommandError),
+        ({"op": "put", "key": b"k", "value": b""}, CommandError),
+        ({"op": "txn", "success": [{"op": "range"}]}, CommandError),
+        ({"op": "txn", "success": [{"op": "range", "key": b"k"}] * (MAX_TXN_OPS + 1)}, LimitExceededError),
+    ],
+)
+def test_issue6_d2_read_txn_refuses_bad_input(cmd: dict[str, Any], error: type) -> None:
+    """read_txn raises CommandError for a malformed or writing txn, LimitExceededError past the op cap."""
+    with pytest.raises(error):
+        read_txn(_k_store(), cmd, max_result_bytes=1 << 20)
+
+
+read_only_txns = st.builds(
+    lambda cmp, succ, fail: {"op": "txn", "compare": cmp, "success": succ, "failure": fail},
+    st.lists(
+        st.builds(
+            lambda k, e, t, r, v: {"key": k, "range_end": e, "target": t, "result": r, "value": v},
+            st.sampled_from([b"a", b"b", b"k"]),
+            st.sampled_from([b"", b"c", b"\x00"]),
+            st.sampled_from(["version", "create", "mod"]),
+            st.sampled_from(["equal", "not_equal", "greater", "less"]),
+            st.integers(0, 4),
+        ),
+        max_size=2,
+    ),
+    *[
+        st.lists(
+            st.builds(
+                lambda k, e, lim, off, order, ko, co: {
+                    "op": "range", "key": k, "range_end": e, "limit": lim, "offset": off,
+                    "sort_order": order, "keys_only": ko, "count_only": co,
+                },
+                st.sampled_from([b"a", b"b", b"\x00"]),
+                st.sampled_from([b"", b"c", b"\x00", b"b1"]),
+                st.integers(0, 6),
+                st.integers(0, 4),
+                st.sampled_from(["asc", "desc"]),
+                st.booleans(),
+                st.booleans(),
+            ),
+            max_size=3,
+        )
+    ]
+    * 2,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cmd=read_only_txns)
+def test_issue6_d2_read_txn_answers_what_a_proposed_txn_answers(cmd: dict[str, Any]) -> None:
+    """For any read-only txn, read_txn gives exactly the result of applying it, and changes nothing."""
+    s = Store()
+    for k in (b"a", b"a1", b"a\x00", b"b", b"b1", b"bb", b"c", b"\x00", b"\x00\x00"):
+        run(s, "put", key=k, value=k * 3)
+    run(s, "put", key=b"a", value=b"again")
+    before = s.snapshot()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(txn_module, "_PAGE", 2)  # so that small ranges are read in several pages
+        got = read_txn(s, cmd, max_result_bytes=1 << 20)
+    assert s.snapshot() == before
+    assert got == s.apply(encode_cbor(cmd)).result
+    # and each response is what Store.range answers in one piece
+    for op, resp in zip(cmd["success"] if got["succeeded"] else cmd["failure"], got["responses"]):
+        whole = s.range(op["key"], op["range_end"], limit=op["limit"], offset=op["offset"], descending=op["sort_order"] == "desc")
+        assert resp == {"op": "range", **whole.to_map(keys_only=op["keys_only"], count_only=op["count_only"])}
+
+
+class _TwoSessions(Store):
+    max_sessions = 2
+
+
+def test_issue6_d9_evicted_session_is_refused_never_applied_again() -> None:
+    """A retry from a session evicted by LRU gets session_expired; the request is not applied a second time."""
+    s = _TwoSessions()
+    c1 = run(s, "session")["client"]
+    raw = command("put", key=b"a", value=b"1", req=[c1, 1, 1])
+    assert s.apply(raw).result == {"ok": True, "revision": 2}
+    c3, c4 = run(s, "session")["client"], run(s, "session")["client"]  # c1 is the least recently used
+    assert s.sessions == [c3, c4] and c1 not in s.sessions
+    refused(s, raw, "session_expired", "req")
+    assert kv(s, b"a") == (b"1", 2, 2, 1)
+
+
+def test_issue6_d9_unregistered_session_is_refused() -> None:
+    """A req naming a session the store never assigned is refused and not remembered."""
+    s = _k_store()
+    refused(s, command("put", key=b"a", value=b"1", req=["made-up", 1, 0]), "session_expired", "req")
+    refused(s, command("put", key=b"a", value=b"1", req=["made-up", 1, 0]), "session_expired", "req")
+    assert s.sessions == []
+
+
+def test_issue6_d9_session_ids_come_from_the_store() -> None:
+    """session: the id is c<applied>, the revision stays; a session command with a req is refused."""
+    s = _k_store()
+    applied, rev = s.applied, s.revision
+    assert run(s, "session") == {"ok": True, "revision": rev, "client": f"c{applied + 1}"}
+    refused(s, command("session", req=[f"c{applied + 1}", 1, 0]), "command", "req")
+
+
+class _TwoResults(Store):
+    max_results_per_session = 2
+
+
+def test_issue6_d9_evicted_result_is_a_duplicate_never_reapplied() -> None:
+    """A result dropped for room (count) answers duplicate_request on retry, and the request is not applied again."""
+    s = _TwoResults()
+    (c1,) = register(s, "c1")
+    for seq in (1, 2, 3):
+        run(s, "put", key=b"k%d" % seq, value=b"v", req=[c1, seq, 0])
+    refused(s, command("put", key=b"k1", value=b"v", req=[c1, 1, 0]), "duplicate_request", "req")
+    assert kv(s, b"k1") == (b"v", 2, 2, 1)
+    assert s.apply(command("put", key=b"k3", value=b"v", req=[c1, 3, 0])).result == {"ok": True, "revision": 4}
+
+
+class _SmallResults(Store):
+    max_result_bytes_per_session = 300
+
+
+def test_issue6_d9_result_too_large_to_keep_is_a_duplicate_never_reapplied() -> None:
+    """A result over the per-session byte bound is answered once; its retry is duplicate_request, not a second apply."""
+    s = _SmallResults()
+    (c1,) = register(s, "c1")
+    run(s, "put", key=b"a", value=b"x" * 400)
+    first = run(s, "put", key=b"a", value=b"y", prev_kv=True, req=[c1, 1, 0])
+    assert first["prev_kv"]["value"] == b"x" * 400
+    small = run(s, "put", key=b"b", value=b"1", req=[c1, 2, 0])
+    refused(s, command("put", key=b"a", value=b"y", prev_kv=True, req=[c1, 1, 0]), "duplicate_request", "req")
+    assert kv(s, b"a") == (b"y", 2, 3, 2)
+    assert s.apply(command("put", key=b"b", value=b"1", req=[c1, 2, 0])).result == small
+    # the tombstone survives a snapshot
+    r = _SmallResults.restore(s.snapshot())
+    assert r.apply(command("put", key=b"a", value=b"y", req=[c1, 1, 0])).result["error"]["code"] == "duplicate_request"
+
+
+def test_issue6_d9_format1_snapshot_sessions_stay_registered() -> None:
+    """A format-1 snapshot (client-chosen ids) restores; its sessions are live and their results still answer."""
+    snap = encode_cbor(
+        {
+            "format": 1,
+            "revision": 2,
+            "clock": 0,
+            "message_floor": 0,
+            "applied": 1,
+            "kvs": [[b"a", b"1", 2, 2, 1]],
+            "sessions": [["n1/0a1b2c", 1, 1, [[1, {"ok": True, "revision": 2}]]]],
+        }
+    )
+    s = Store.restore(snap)
+    assert s.sessions == ["n1/0a1b2c"]
+    assert s.apply(command("put", key=b"a", value=b"1", req=["n1/0a1b2c", 1, 1])).result == {"ok": True, "revision": 2}
+    assert run(s, "put", key=b"b", value=b"1", req=["n1/0a1b2c", 2, 1])["revision"] == 3
+    assert decode_cbor(s.snapshot())["format"] == 2
+
+
+# ---------------------------------------------------------------------------
+# C4: count and chunk, the read helpers of a read view
+# ---------------------------------------------------------------------------
+
+_CHUNK_KEYS = [b"a", b"a/1", b"a/2", b"b", b"ba", b"c", b"\xff"]
+_bounds = st.sampled_from([b"\x00", b"a", b"a/", b"a/2", b"b", b"bb", b"c", b"d", b"\xff"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    present=st.sets(st.sampled_from(_CHUNK_KEYS)),
+    key=_bounds,
+    end=st.sampled_from([b"", b"\x00", b"a0", b"b", b"c", b"z", b"\xff\xff"]),
+    after=st.none() | _bounds,
+    limit=st.integers(1, 4),
+    descending=st.booleans(),
+)
+def test_count_and_chunk_agree_with_range(
+    present: set[bytes], key: bytes, end: bytes, after: bytes | None, limit: int, descending: bool
+) -> None:
+    """count() is range().count; chunk() is the range after `after` in iteration order, at most `limit` keys."""
+    s = Store()
+    for k in sorted(present):
+        run(s, "put", key=k, value=k)
+    full = s.range(key, end, descending=descending).kvs
+    assert s.count(key, end) == len(full)
+    if after is None:
+        rest = list(full)
+    else:
+        rest = [kv for kv in full if (kv.key < after if descending else kv.key > after)]
+    assert s.chunk(key, end, after=after, limit=limit, descending=descending) == rest[:limit]
+    # walking chunk by chunk visits the whole range once
+    walked: list[KeyValue] = []
+    cursor = None
+    while chunk := s.chunk(key, end, after=cursor, limit=limit, descending=descending):
+        walked += chunk
+        cursor = chunk[-1].key
+    assert walked == list(full)
+
+
+def test_issue6_d1_purge_removes_at_most_a_bounded_prefix_per_command() -> None:
+    """A purge examines at most MAX_PURGE_PER_COMMAND messages and says "more"; the next purge goes on."""
+    s = Store()
+    n = store_module.MAX_PURGE_PER_COMMAND + 10
+    for i in range(n):
+        assert s.apply_map({"op": "post", "from": "n1", "clock": 0, "type": U, "timestamp": T0 + timedelta(seconds=i)}).ok
+    res = run(s, "purge", before=T0 + timedelta(days=1))
+    assert (res["purged"], res["floor"], res["more"]) == (n - 10, n - 10, True)
+    res = run(s, "purge", max_count=4)
+    assert (res["purged"], res["floor"], "more" in res) == (6, n - 4, False)
+    assert [m.clock for m in s.messages()] == list(range(n - 3, n + 1))
+
+
+def test_issue6_d10_a_bug_mid_txn_is_rolled_back_with_a_deterministic_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception after a txn's first writes: writes undone, the message names only the type."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"at {object()!r}")  # an address: differs between replicas
+
+    monkeypatch.setattr(store_module, "range_response", broken)
+    s = _k_store()
+    res = refused(s, command("txn", success=[{"op": "put", "key": b"x", "value": b"1"}, {"op": "range", "key": b"k"}]), "internal")
+    assert res["error"]["message"] == "internal error: RuntimeError"

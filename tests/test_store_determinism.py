@@ -44,7 +44,7 @@ keys = st.sampled_from([b"a", b"a/1", b"a/2", b"b", b"M", b"N\x12", NODE_PREFIX 
 values = st.binary(max_size=4)
 stamps = st.integers(0, 20).map(lambda s: T0 + timedelta(seconds=s))
 hosts = st.sampled_from(["n1", "n2", "n3", ""])
-reqs = st.none() | st.tuples(st.sampled_from(["c1", "c2"]), st.integers(0, 6), st.integers(0, 6)).map(list)
+reqs = st.none() | st.tuples(st.sampled_from(["c1", "c2", "c3"]), st.integers(0, 6), st.integers(0, 6)).map(list)
 payload_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=4) | st.binary(max_size=4) | st.floats(allow_nan=False),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
@@ -107,6 +107,7 @@ valid_commands = st.one_of(
     ),
     st.just({"op": "truncate"}),
     st.just({"op": "barrier"}),
+    st.just({"op": "session"}),
 ).map(encode_cbor)
 
 
@@ -122,7 +123,11 @@ garbage = st.one_of(
     st.builds(lambda obj: encode_cbor(obj), st.lists(st.integers(), max_size=2) | st.text(max_size=3) | st.just({"op": "nope"})),
 )
 
-command_lists = st.lists(st.one_of(valid_commands, valid_commands, garbage), min_size=10, max_size=60)
+# Two sessions first, so that the requests of c1 and c2 are applied (c3 may or may not be live).
+SESSION = encode_cbor({"op": "session"})
+command_lists = st.lists(st.one_of(valid_commands, valid_commands, garbage), min_size=10, max_size=60).map(
+    lambda cmds: [SESSION, SESSION, *cmds]
+)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -162,10 +167,11 @@ from raftcoord.values import encode_cbor
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 s = Store()
 h = hashlib.sha256()
+clients = [s.apply(encode_cbor({"op": "session"})).result["client"] for _ in range(7)]
 for i in range(300):
     host = "n%d" % (i % 7)
     cmds = [
-        {"op": "put", "key": ("k%d" % (i * 7919 % 50)).encode(), "value": b"v%d" % i, "req": [host, i, max(0, i - 3)]},
+        {"op": "put", "key": ("k%d" % (i * 7919 % 50)).encode(), "value": b"v%d" % i, "req": [clients[i % 7], i, max(0, i - 3)]},
         {"op": "post", "from": host, "clock": i * 13 % 40, "type": ord("OCDU"[i % 4]), "timestamp": T0 + timedelta(seconds=i % 17),
          "payload": {"set": frozenset({"x%d" % j for j in range(i % 5)}), "d": {("k%d" % j): j for j in range(i % 6, 0, -1)}}},
         {"op": "node", "state": {"host": host, "status": "up", "clock": i, "timestamp": T0, "z%d" % (i % 3): "extra"}},
@@ -186,6 +192,44 @@ def test_same_state_under_different_hash_seeds() -> None:
     for seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
         out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120, check=True)
+        outputs.add(out.stdout.strip())
+    assert len(outputs) == 1, outputs
+
+
+# Refused commands too: their error results are kept in session results and so
+# in snapshots. A txn writing keys that also lie in a range it deletes is
+# refused with a message naming one such key; taken from a set of bytes, which
+# key it named depended on the hash seed (issue 6, defect 10).
+_CHILD_ERRORS = r"""
+import hashlib
+from raftcoord.store import Store
+from raftcoord.values import encode_cbor
+s = Store()
+h = hashlib.sha256()
+client = s.apply(encode_cbor({"op": "session"})).result.get("client", "c1")  # stores before sessions took any id
+for i in range(40):
+    keys = [b"k%d-%d" % (i, j) for j in range(12)]
+    puts = [{"op": "put", "key": k, "value": b"v"} for k in keys]
+    cmds = [
+        {"op": "txn", "success": puts + [{"op": "delete", "key": b"k", "range_end": b"l"}], "req": [client, 3 * i, 0]},
+        {"op": "txn", "failure": [{"op": "delete", "key": b"\x00", "range_end": b"\x00"}] + puts, "req": [client, 3 * i + 1, 0]},
+        {"op": "txn", "success": puts + puts[:1], "req": [client, 3 * i + 2, 0]},
+    ]
+    for cmd in cmds:
+        h.update(encode_cbor(s.apply(encode_cbor(cmd)).result))
+print(h.hexdigest(), hashlib.sha256(s.snapshot()).hexdigest())
+"""
+
+
+def test_issue6_d10_error_results_do_not_depend_on_the_hash_seed() -> None:
+    """Refused txns (duplicate keys) give the same error results and snapshot bytes under every PYTHONHASHSEED."""
+    outputs = set()
+    root = Path(__file__).resolve().parents[1]
+    for seed in ("0", "1", "2", "3", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD_ERRORS], env=env, capture_output=True, text=True, timeout=120, check=True
+        )
         outputs.add(out.stdout.strip())
     assert len(outputs) == 1, outputs
 

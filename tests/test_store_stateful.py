@@ -11,6 +11,11 @@ canonical encoder.
 One rule replaces the store by ``Store.restore(store.snapshot())`` and the
 run goes on with the restored store, so everything after it also checks that
 a restored replica behaves like the original.
+
+Client sessions are modelled with small bounds (:class:`SmallStore`): a list
+of live sessions, least recently used first, and per session the results
+still remembered; a request of an evicted session must be refused, never
+applied again.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ def command(op: str, **fields: Any) -> bytes:
     return encode_cbor({"op": op, **fields})
 
 
+class SmallStore(Store):
+    """A store with session bounds small enough for a model run to reach them."""
+
+    max_sessions = 3
+    max_results_per_session = 4
+
+
 def clock_of(message_key: bytes) -> int:
     """The clock inside a message key, read from the bytes (not through keys.py)."""
     return int.from_bytes(message_key[2:10], "big")
@@ -53,7 +65,7 @@ class StoreVersusModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.store = Store()
+        self.store: Store = SmallStore()
         self.kv: dict[bytes, tuple[bytes, int, int, int]] = {}
         self.revision = 1
         self.clock = 0
@@ -62,6 +74,9 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.lows: dict[str, int] = {}
         self.next_seq: dict[str, int] = {}
         self.sent: list[tuple[str, int, bytes, dict[str, Any]]] = []  # client, seq, command, first result
+        self.live: list[str] = []  # registered sessions, least recently used first
+        self.clients: list[str] = []  # every id ever assigned
+        self.kept: dict[str, dict[int, dict[str, Any]]] = {}  # client -> seq -> remembered result
 
     # ------------------------------------------------------------ the model
 
@@ -251,31 +266,61 @@ class StoreVersusModel(RuleBasedStateMachine):
 
     @rule()
     def snapshot_and_restore(self) -> None:
-        self.store = Store.restore(self.store.snapshot())
+        self.store = SmallStore.restore(self.store.snapshot())
 
-    @rule(client=st.sampled_from(["c1", "c2"]), key=st.sampled_from(USER_KEYS[:3]), value=st.binary(max_size=2), gap=st.integers(0, 2))
-    def put_with_request_id(self, client: str, key: bytes, value: bytes, gap: int) -> None:
+    def m_touch(self, client: str) -> None:
+        self.live.remove(client)
+        self.live.append(client)
+
+    @rule()
+    def register_session(self) -> None:
+        expected = f"c{self.store.applied + 1}"
+        res = self.apply(command("session"))
+        assert res == {"ok": True, "revision": self.revision, "client": expected}
+        self.live.append(expected)
+        self.clients.append(expected)
+        self.kept[expected] = {}
+        if len(self.live) > SmallStore.max_sessions:
+            del self.kept[self.live.pop(0)]
+
+    @precondition(lambda self: bool(self.clients))
+    @rule(data=st.data(), key=st.sampled_from(USER_KEYS[:3]), value=st.binary(max_size=2), gap=st.integers(0, 2))
+    def put_with_request_id(self, data: st.DataObject, key: bytes, value: bytes, gap: int) -> None:
+        client = data.draw(st.sampled_from(self.clients), label="client")
         seq = self.next_seq.get(client, 1)
-        self.next_seq[client] = seq + 1
         low = max(self.lows.get(client, 0), seq - gap)
         raw = command("put", key=key, value=value, req=[client, seq, low])
+        if client not in self.live:
+            self.apply_refused(raw, "session_expired")
+            return
+        self.next_seq[client] = seq + 1
         res = self.apply(raw)
         self.revision += 1
         self.m_put(key, value, self.revision)
         assert res == {"ok": True, "revision": self.revision}
         self.lows[client] = low
         self.sent.append((client, seq, raw, res))
+        self.m_touch(client)
+        kept = self.kept[client]
+        kept[seq] = res
+        for old in [s for s in kept if s < low]:
+            del kept[old]
+        while len(kept) > SmallStore.max_results_per_session:
+            del kept[min(kept)]
 
     @precondition(lambda self: bool(self.sent))
     @rule(data=st.data())
     def replay_request(self, data: st.DataObject) -> None:
         client, seq, raw, first = data.draw(st.sampled_from(self.sent), label="replayed")
+        if client not in self.live:
+            self.apply_refused(raw, "session_expired")
+            return
+        if seq not in self.kept[client]:
+            self.apply_refused(raw, "duplicate_request")
+            return
         before = decode_cbor(self.store.snapshot())
-        res = self.apply(raw)
-        if seq >= self.lows[client]:
-            assert res == first
-        else:
-            assert res["ok"] is False and res["error"]["code"] == "duplicate_request", res
+        assert self.apply(raw) == first
+        self.m_touch(client)
         after = decode_cbor(self.store.snapshot())
         for snap in (before, after):
             del snap["applied"]
@@ -321,9 +366,13 @@ class StoreVersusModel(RuleBasedStateMachine):
                 raise AssertionError("messages() below the floor did not raise CompactedError")
 
     @invariant()
+    def sessions_match_the_model(self) -> None:
+        assert self.store.sessions == self.live
+
+    @invariant()
     def snapshot_restore_is_byte_identical(self) -> None:
         snap = self.store.snapshot()
-        assert Store.restore(snap).snapshot() == snap
+        assert SmallStore.restore(snap).snapshot() == snap
 
 
 def _holds(actual: Any, expected: Any, result: str) -> bool:
