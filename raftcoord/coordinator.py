@@ -11,6 +11,22 @@ thread nor the Raft thread: the backend hands each applied command's events
 to a queue in log order, and the delivery thread calls every observer for
 every message in clock order, exactly once (an observer remembers the last
 clock it saw, so a backlog and live messages cannot overlap).
+
+Writes carry a request id ``[client, seq, lowest_outstanding]`` under a
+client session that the state machine registered and named (``{"op":
+"session"}``, sent lazily before the first write, since a cluster may have no
+leader yet when the coordinator is built). The replica re-proposes the same
+bytes after an ambiguous attempt, and the session turns a second application
+into the first one's result. A session the store has forgotten
+(``session_expired``) or a result it no longer keeps (``duplicate_request``)
+means an earlier attempt may have applied, so the caller gets
+:class:`UnknownOutcomeError`, never a second application; only a request the
+backend provably handed over once is sent again, under a new session.
+
+Reads of a size a client chooses (ranges, scans, read-only transactions) go
+through ``backend.read_view``, a reader of one revision that holds the
+replica's state lock only in short steps, and are refused beyond
+``max_response_bytes``; read-only transactions never enter the log.
 """
 
 from __future__ import annotations
@@ -18,29 +34,33 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import secrets
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, TypeVar
 
+from raftcoord import store as _store
 from raftcoord.clock import LamportClock
 from raftcoord.errors import (
     CommandError,
     ConflictError,
     KeyNotFoundError,
+    LimitExceededError,
     RaftcoordError,
     ReservedKeyError,
+    TimeoutError,
     UnavailableError,
+    UnknownOutcomeError,
     error_from_code,
 )
 from raftcoord.keys import NodeKey, is_reserved, prefix_end
 from raftcoord.store import MAX_COMMAND_BYTES, Applied, KeyValue, MessagePosted, RangeResult, Store
 from raftcoord.values import Message, NodeState, NodeStatus, encode_cbor
 
-__all__ = ["Backend", "Coordinator", "MemoryBackend", "Observer", "Transaction"]
+__all__ = ["Backend", "Coordinator", "MemoryBackend", "Observer", "Reader", "Transaction"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +68,44 @@ T = TypeVar("T")
 Consistency = Literal["linearizable", "serializable"]
 CONSISTENCIES = ("linearizable", "serializable")
 
+#: etcd's default limit of operations per transaction (``--max-txn-ops``).
+DEFAULT_MAX_TXN_OPS = 128
+#: Default bound on the bytes of one read's answer (``max_response_bytes``).
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: Keys read per step of a range, so a view can release the state lock between steps.
+RANGE_PAGE = 1024
+#: Bytes a key-value costs in an answer beyond its key and value (revisions, framing).
+KV_OVERHEAD_BYTES = 32
+#: How many times a request provably never applied is re-sent under a fresh session.
+SESSION_RETRIES = 2
+
+_AMBIGUOUS_CODES = frozenset({"session_expired", "duplicate_request"})
+
+
+class Reader(Protocol):
+    """One revision of the store, as ``backend.read_view`` yields it (C3/C4)."""
+
+    @property
+    def revision(self) -> int:
+        """The revision this reader answers at."""
+
+    def get(self, key: bytes) -> KeyValue | None:
+        """The key's value and revisions, or None."""
+
+    def range(
+        self, key: bytes, range_end: bytes = b"", *, limit: int = 0, offset: int = 0, descending: bool = False
+    ) -> RangeResult:
+        """An etcd-style range, as :meth:`Store.range`."""
+
 
 class Backend(Protocol):
-    """What a coordinator needs from the replication layer below it."""
+    """What a coordinator needs from the replication layer below it.
+
+    A backend may set ``proposes_once = True`` to promise that ``propose``
+    hands the bytes to the state machine at most once per call (no internal
+    retry); the coordinator then knows that a request refused for an expired
+    session never applied, and sends it again under a new session.
+    """
 
     def propose(self, command: bytes, *, timeout: float) -> dict[str, Any]:
         """Commit ``command``, apply it locally, return the store's result."""
@@ -60,6 +115,15 @@ class Backend(Protocol):
 
         ``fn`` runs while no command is being applied, so what it sees is one
         revision, and a listener added inside it misses nothing.
+        """
+
+    def read_view(self, *, consistency: Consistency, timeout: float) -> AbstractContextManager[Reader]:
+        """A reader of one revision (after a read barrier if linearizable).
+
+        The reader answers as of one revision for as long as the context is
+        open, and holds the replica's state lock only briefly at a time, so
+        a large read never keeps the Raft thread from applying or sending
+        heartbeats.
         """
 
     def add_listener(self, listener: Callable[[Applied], None]) -> None:
@@ -77,6 +141,9 @@ class MemoryBackend:
 
     Used by :meth:`Coordinator.memory`, in tests, and to try the API out.
     """
+
+    #: ``propose`` applies the bytes exactly once: there is no retry to hide.
+    proposes_once = True
 
     def __init__(self, store: Store | None = None) -> None:
         self.store = store if store is not None else Store()
@@ -98,6 +165,17 @@ class MemoryBackend:
         with self._lock:
             self._check_open()
             return fn(self.store)
+
+    @contextmanager
+    def read_view(self, *, consistency: Consistency, timeout: float) -> Iterator[Reader]:
+        """The store itself, under the lock for the whole view.
+
+        There is no Raft thread to starve here: holding the lock only keeps
+        other callers of this backend waiting.
+        """
+        with self._lock:
+            self._check_open()
+            yield self.store
 
     def add_listener(self, listener: Callable[[Applied], None]) -> None:
         """Register ``listener``; it runs under the store lock, in apply order."""
@@ -165,22 +243,30 @@ class Coordinator:
         consistency: Consistency = "linearizable",
         timeout: float = 10.0,
         now: Callable[[], datetime] | None = None,
+        max_txn_ops: int = DEFAULT_MAX_TXN_OPS,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         NodeKey(host)  # a bad hostname fails here, naming the field
         if consistency not in CONSISTENCIES:
             raise CommandError(f"consistency must be one of {CONSISTENCIES}", field="consistency")
+        for name, value in (("max_txn_ops", max_txn_ops), ("max_response_bytes", max_response_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CommandError(f"{name} must be a positive integer, got {value!r}", field=name)
         self.host = host
         self.cluster = cluster
         self.addr = addr
         self.consistency: Consistency = consistency
         self.timeout = timeout
+        self.max_txn_ops = max_txn_ops
+        self.max_response_bytes = max_response_bytes
         self._backend = backend
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._clock = LamportClock()
         self._lock = threading.Lock()
-        # Request ids: a random client id per coordinator instance, so two
-        # processes embedding the same host never share a session.
-        self._client_id = f"{host}/{secrets.token_hex(6)}"
+        # The client session is registered by the state machine on first use
+        # (a cluster may have no leader yet), and replaced if it expires.
+        self._session: str | None = None
+        self._session_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._in_flight: set[int] = set()
         self._observers: list[Observer] = []
@@ -199,10 +285,41 @@ class Coordinator:
 
     @classmethod
     def from_config(cls, path: str, *, node: str, **kwargs: Any) -> Coordinator:
-        """A coordinator embedding replica ``node`` of the cluster in ``path``."""
-        from raftcoord.server import open_coordinator  # the service layer builds replicas
+        """A coordinator embedding replica ``node`` of the cluster in ``path``.
 
-        return open_coordinator(path, node=node, **kwargs)
+        Starts the node's replica (Raft peer traffic on its ``raft`` address)
+        but no HTTP endpoint. Close it with :meth:`close`.
+        """
+        # config.py is a leaf (it imports only errors and keys); importing it
+        # here, rather than the service layer's server.py, keeps the arrow
+        # between coordinator and server pointing one way.
+        from raftcoord.config import load_config
+
+        return cls.from_cluster_config(load_config(path), node=node, **kwargs)
+
+    @classmethod
+    def from_cluster_config(cls, config: Any, *, node: str, **kwargs: Any) -> Coordinator:
+        """A coordinator embedding replica ``node`` of a loaded cluster configuration.
+
+        ``config`` is a :class:`raftcoord.config.ClusterConfig` (duck-typed).
+        Its ``request_timeout``, ``max_txn_ops`` and ``max_response_bytes``
+        are the defaults of the matching keyword arguments.
+        """
+        from raftcoord.config import check_can_start
+        from raftcoord.replica import open_replica_backend
+
+        node_cfg = config.node(node)
+        check_can_start(config, node)
+        kwargs.setdefault("timeout", config.request_timeout)
+        for name in ("max_txn_ops", "max_response_bytes"):
+            if getattr(config, name, None) is not None:
+                kwargs.setdefault(name, getattr(config, name))
+        backend = open_replica_backend(config, node)
+        try:
+            return cls(backend, host=node_cfg.name, cluster=config.name, addr=node_cfg.raft, **kwargs)
+        except BaseException:
+            backend.close()
+            raise
 
     # ----------------------------------------------------------------- basics
 
@@ -241,30 +358,147 @@ class Coordinator:
 
     # ------------------------------------------------------- commands, reads
 
-    def execute(self, command: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """Propose one raw state-machine command and return its result map.
+    def execute(
+        self, command: Mapping[str, Any], *, timeout: float | None = None, req: list[Any] | None = None
+    ) -> dict[str, Any]:
+        """Run one raw state-machine command and return its result map.
 
-        The command gets a request id, so a retry after an ambiguous failure
-        applies at most once. An error result is raised as its exception.
+        A read-only txn is answered by :meth:`read_txn` and never enters the
+        log. Anything else is proposed with a request id of this
+        coordinator's session, so the replica's retries apply it at most
+        once; if the session expired meanwhile and an earlier attempt may
+        have applied, :class:`UnknownOutcomeError` is raised. With ``req``
+        (a client's own ``[client_id, seq, lowest_outstanding]``, e.g. from
+        the HTTP endpoint), that id is used as it is, and an expired session
+        or a forgotten result is raised as :class:`SessionExpiredError` or
+        :class:`DuplicateRequestError` for the client to judge. An error
+        result is raised as its exception.
         """
-        with self._lock:
-            seq = next(self._seq)
-            self._in_flight.add(seq)
-            low = min(self._in_flight)
-        try:
-            data = encode_cbor({**command, "req": [self._client_id, seq, low]})
-            if len(data) > MAX_COMMAND_BYTES:
-                raise CommandError(
-                    f"request of {len(data)} bytes exceeds the limit of {MAX_COMMAND_BYTES}", field="value"
-                )
-            result = self._backend.propose(data, timeout=self.timeout if timeout is None else timeout)
-        finally:
+        if not isinstance(command, Mapping):
+            raise CommandError(f"command must be a map, not {type(command).__name__}", field="command")
+        if command.get("op") == "txn":
+            self._check_txn_ops(command)
+            if _store.is_read_only_txn(command):
+                return self.read_txn(command)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if command.get("op") == "session":
+            return self._register(deadline)  # a session needs no session of its own
+        if req is not None:
+            return _raise_error(self._propose({**command, "req": req}, deadline))
+        attempts = 0
+        while True:
+            attempts += 1
+            session = self._current_session(deadline)
             with self._lock:
-                self._in_flight.discard(seq)
-        if not result.get("ok"):
-            err = result.get("error") or {}
-            raise error_from_code(err.get("code", "internal"), err.get("message", "command refused"), err.get("field"))
+                seq = next(self._seq)
+                self._in_flight.add(seq)
+                low = min(self._in_flight)
+            try:
+                result = self._propose({**command, "req": [session, seq, low]}, deadline)
+            finally:
+                with self._lock:
+                    self._in_flight.discard(seq)
+            code = None if result.get("ok") else (result.get("error") or {}).get("code")
+            if code not in _AMBIGUOUS_CODES:
+                return _raise_error(result)
+            self._drop_session(session)
+            if code == "duplicate_request" or not getattr(self._backend, "proposes_once", False):
+                # The replica may have proposed these bytes more than once,
+                # and an earlier attempt may have applied before the session
+                # (or its result) was forgotten: sending it again could apply
+                # it twice.
+                raise UnknownOutcomeError(
+                    f"the command may or may not have been applied: its client session {session} "
+                    f"was forgotten ({code}) before the outcome was known",
+                    field="req",
+                )
+            if attempts > SESSION_RETRIES:
+                raise UnavailableError(
+                    f"client sessions expire faster than they can be used ({attempts} tried); "
+                    "the command was not applied"
+                )
+            log.info("client session %s expired before its one attempt applied; registering a new one", session)
+
+    def _propose(self, command: Mapping[str, Any], deadline: float) -> dict[str, Any]:
+        data = encode_cbor(dict(command))
+        if len(data) > MAX_COMMAND_BYTES:
+            raise CommandError(
+                f"request of {len(data)} bytes exceeds the limit of {MAX_COMMAND_BYTES}", field="value"
+            )
+        return self._backend.propose(data, timeout=max(0.0, deadline - time.monotonic()))
+
+    def new_session(self, *, timeout: float | None = None) -> str:
+        """Register a new client session with the state machine and return its id.
+
+        For clients that send their own request ids (``execute(req=...)``),
+        such as HTTP clients through the endpoint. Sessions are bounded by
+        count in the store; an unused one is eventually forgotten.
+        """
+        return self._register(time.monotonic() + (self.timeout if timeout is None else timeout))["client"]
+
+    def _register(self, deadline: float) -> dict[str, Any]:
+        try:
+            result = _raise_error(self._propose({"op": "session"}, deadline))
+        except UnknownOutcomeError as exc:
+            # At worst a session was registered that nobody will use.
+            raise TimeoutError(f"could not register a client session: {exc.message}") from None
+        client = result.get("client")
+        if not isinstance(client, str) or not client:
+            raise RaftcoordError(f"the store answered a session registration with {result!r}")
         return result
+
+    def _current_session(self, deadline: float) -> str:
+        """This coordinator's client session, registered on first use."""
+        with self._session_lock:
+            if self._session is None:
+                try:
+                    self._session = self._register(deadline)["client"]
+                except TimeoutError as exc:
+                    raise TimeoutError(f"{exc.message}; the command was not applied") from None
+            return self._session
+
+    def _drop_session(self, session: str) -> None:
+        with self._session_lock:
+            if self._session == session:
+                self._session = None
+
+    def _check_txn_ops(self, command: Mapping[str, Any]) -> None:
+        # As etcd counts: the compares, and the larger of the two branches.
+        def size(name: str) -> int:
+            ops = command.get(name)
+            return len(ops) if isinstance(ops, (list, tuple)) else 0
+
+        n = max(size("compare"), size("success"), size("failure"))
+        if n > self.max_txn_ops:
+            raise LimitExceededError(
+                f"too many operations in txn request: {n} (max_txn_ops is {self.max_txn_ops})",
+                field="max_txn_ops",
+            )
+
+    def read_txn(self, command: Mapping[str, Any], *, consistency: Consistency | None = None) -> dict[str, Any]:
+        """Evaluate a read-only txn (no put or delete) as a read, off the log.
+
+        Returns the result map a proposed txn would return. Raises
+        :class:`LimitExceededError` beyond ``max_txn_ops`` or when the
+        answer would pass ``max_response_bytes``.
+        """
+        if not isinstance(command, Mapping):
+            raise CommandError(f"command must be a map, not {type(command).__name__}", field="command")
+        self._check_txn_ops(command)
+        if not _store.is_read_only_txn(command):
+            raise CommandError("read_txn takes a txn without put or delete operations", field="op")
+        with self.view(consistency=consistency) as reader:
+            return _store.read_txn(reader, command, max_result_bytes=self.max_response_bytes)
+
+    def view(self, *, consistency: Consistency | None = None) -> AbstractContextManager[Reader]:
+        """A reader of one revision of the store (advanced; see :class:`Reader`).
+
+        Keep the context short: the view's revision is pinned while it is open.
+        """
+        level = consistency or self.consistency
+        if level not in CONSISTENCIES:
+            raise CommandError(f"consistency must be one of {CONSISTENCIES}", field="consistency")
+        return self._backend.read_view(consistency=level, timeout=self.timeout)
 
     def read(self, fn: Callable[[Store], T], *, consistency: Consistency | None = None) -> T:
         """Run ``fn`` on the local store at the given consistency (advanced)."""
@@ -303,11 +537,15 @@ class Coordinator:
         limit: int = 0,
         order: Literal["asc", "desc"] = "asc",
         consistency: Consistency | None = None,
+        max_bytes: int | None = None,
     ) -> list[KeyValue]:
         """Keys starting with ``prefix`` in key order (``desc`` reverses it)."""
         key, end = _prefix_range(prefix)
         _check_order(order)
-        res = self.range(key, end, offset=offset, limit=limit, descending=order == "desc", consistency=consistency)
+        res = self.range(
+            key, end, offset=offset, limit=limit, descending=order == "desc", consistency=consistency,
+            max_bytes=max_bytes,
+        )
         return list(res.kvs)
 
     def range(
@@ -319,12 +557,31 @@ class Coordinator:
         offset: int = 0,
         descending: bool = False,
         consistency: Consistency | None = None,
+        max_bytes: int | None = None,
+        keys_only: bool = False,
+        count_only: bool = False,
     ) -> RangeResult:
-        """An etcd-style range read (``range_end`` as in etcd)."""
-        return self.read(
-            lambda s: s.range(key, range_end, limit=limit, offset=offset, descending=descending),
-            consistency=consistency,
-        )
+        """An etcd-style range read (``range_end`` as in etcd).
+
+        Read through a view of one revision, a page at a time. An answer
+        whose key-values would pass ``max_bytes`` (default: the
+        coordinator's ``max_response_bytes``) raises
+        :class:`LimitExceededError`; ``keys_only`` answers (values left
+        empty) and ``count_only`` answers (no key-values) cost accordingly
+        less.
+        """
+        _check_key(key)
+        if not isinstance(range_end, bytes):
+            raise CommandError(f"range_end must be bytes, not {type(range_end).__name__}", field="range_end")
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CommandError(f"{name} must be a non-negative integer, got {value!r}", field=name)
+        budget = self.max_response_bytes if max_bytes is None else max_bytes
+        with self.view(consistency=consistency) as reader:
+            return _read_range(
+                reader, key, range_end, limit=limit, offset=offset, descending=descending,
+                budget=budget, keys_only=keys_only, count_only=count_only,
+            )
 
     def revision(self, *, consistency: Consistency | None = None) -> int:
         """The store's current revision."""
@@ -371,11 +628,19 @@ class Coordinator:
 
     # --------------------------------------------------------------- messages
 
-    def post_message(self, type: int | str, event: int | str | None = None, payload: Any = None) -> Message:
+    def post_message(
+        self,
+        type: int | str,
+        event: int | str | None = None,
+        payload: Any = None,
+        *,
+        req: list[Any] | None = None,
+    ) -> Message:
         """Post a message to every node; returns it with its clock assigned.
 
         ``type`` and ``event`` take an int (0-255) or a one-letter code such
-        as ``"U"`` (user) and ``"C"`` (created).
+        as ``"U"`` (user) and ``"C"`` (created). ``req`` is a client's own
+        request id, as for :meth:`execute` (the HTTP endpoint passes it on).
         """
         with self._lock:
             sender_clock = self._clock.tick()
@@ -390,7 +655,7 @@ class Coordinator:
             cmd["event"] = _code(event, "event")
         if payload is not None:
             cmd["payload"] = payload
-        message = Message.from_map(self.execute(cmd)["message"])
+        message = Message.from_map(self.execute(cmd, req=req)["message"])
         with self._lock:
             if message.clock is not None and message.clock > self._clock.value:
                 self._clock = LamportClock(message.clock)
@@ -513,7 +778,8 @@ class Transaction:
         self._check_open()
         _check_order(order)
         key, end = _prefix_range(prefix)
-        kvs = self._store_read(lambda s: s.range(key, end).kvs)
+        # Through the coordinator's range: a view, read in steps, bounded in size.
+        kvs = self._coord.range(key, end, consistency="serializable").kvs
         self._ranges.append((key, end, [[kv.key, kv.mod_revision] for kv in kvs]))
         merged = {kv.key: kv.value for kv in kvs if not (self._truncated and not is_reserved(kv.key))}
         for k, v in self._writes.items():
@@ -580,6 +846,77 @@ class Transaction:
     def _check_open(self) -> None:
         if self._done:
             raise RaftcoordError("the transaction is already finished")
+
+
+def _read_range(
+    reader: Reader,
+    key: bytes,
+    range_end: bytes,
+    *,
+    limit: int,
+    offset: int,
+    descending: bool,
+    budget: int,
+    keys_only: bool,
+    count_only: bool,
+) -> RangeResult:
+    """A range read from ``reader`` in steps, refused once it passes ``budget`` bytes."""
+    count_fn = getattr(reader, "count", None)
+    if count_only:
+        if count_fn is not None:
+            count = count_fn(key, range_end)
+        else:
+            count = reader.range(key, range_end, limit=1, offset=offset, descending=descending).count
+        return RangeResult((), count, bool(limit) and count > min(count, offset) + limit)
+    kvs: list[KeyValue] = []
+    used = 0
+
+    def take(kv: KeyValue) -> None:
+        nonlocal used
+        used += len(kv.key) + KV_OVERHEAD_BYTES + (0 if keys_only else len(kv.value))
+        if used > budget:
+            raise LimitExceededError(
+                f"the range's answer would pass {budget} bytes (max_response_bytes); "
+                "ask for fewer keys with limit, keys_only or a narrower range",
+                field="max_response_bytes",
+            )
+        kvs.append(replace(kv, value=b"") if keys_only else kv)
+
+    scan = getattr(reader, "scan", None)
+    if scan is not None and count_fn is not None:
+        # A chunked view: walk it and stop at the limit or the budget.
+        count = count_fn(key, range_end)
+        if offset < count:
+            skipped = 0
+            for kv in scan(key, range_end, descending=descending):
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                take(kv)
+                if limit and len(kvs) >= limit:
+                    break
+    else:
+        # A store, where offsets are cheap: page by offset.
+        first: int | None = None
+        while True:
+            step = min(RANGE_PAGE, limit - len(kvs)) if limit else RANGE_PAGE
+            res = reader.range(key, range_end, limit=step, offset=offset + len(kvs), descending=descending)
+            first = res.count if first is None else first
+            for kv in res.kvs:
+                take(kv)
+            if not res.more or not res.kvs or (limit and len(kvs) >= limit):
+                break
+        assert first is not None
+        count = first
+    return RangeResult(tuple(kvs), count, bool(limit) and count > min(count, offset) + limit)
+
+
+def _raise_error(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` if it is a success; else its error, raised."""
+    if not result.get("ok"):
+        err = result.get("error") or {}
+        raise error_from_code(err.get("code", "internal"), err.get("message", "command refused"), err.get("field"))
+    return result
 
 
 def _check_key(key: Any) -> bytes:
