@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from raftcoord.errors import ConfigError, KeyFormatError
 from raftcoord.keys import NodeKey
 
 __all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_MAX_TXN_OPS",
+    "MAX_CONFIG_BYTES",
+    "MAX_RETENTION_SECONDS",
     "SECRET_ENV",
     "ClusterConfig",
     "NodeConfig",
@@ -54,6 +60,42 @@ log = logging.getLogger(__name__)
 SECRET_ENV: Final = "RAFTCOORD_SECRET"
 #: The shortest secret accepted: it keys the peers' encryption.
 MIN_SECRET_LENGTH: Final = 16
+#: The largest cluster file read; a bigger one is a mistake (or /dev/zero).
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: The largest secret file read.
+MAX_SECRET_FILE_BYTES: Final = 64 * 1024
+#: Ops per txn (compare, success, failure each), as etcd's --max-txn-ops.
+DEFAULT_MAX_TXN_OPS: Final = 128
+#: Largest request body, as etcd's --max-request-bytes (1.5 MiB).
+DEFAULT_MAX_REQUEST_BYTES: Final = 1536 * 1024
+#: Largest response a read may build (32 MiB).
+DEFAULT_MAX_RESPONSE_BYTES: Final = 32 * 1024 * 1024
+#: Ten years: a longer retention would put the purge cut-off before year 1.
+MAX_RETENTION_SECONDS: Final = 10 * 365.25 * 86400
+
+# (minimum, maximum) of every number in [cluster]. Each bound keeps a value
+# from crashing or wedging a node later: a timeout of 1e300 overflows the
+# waits built from it, a heartbeat of 1e-300 leaves no time to commit, a
+# retention of 1e11 s puts the purge cut-off before the year 1.
+_SECONDS_RANGE: Final = {
+    "request_timeout": (0.05, 3600.0),
+    "election_timeout_min": (0.05, 600.0),
+    "election_timeout_max": (0.05, 1200.0),
+    "heartbeat_period": (0.005, 60.0),
+    "message_retention_seconds": (0.001, MAX_RETENTION_SECONDS),
+    "client_header_timeout": (0.5, 600.0),
+    "client_body_timeout": (0.5, 3600.0),
+}
+_INTEGER_RANGE: Final = {
+    "message_retention_count": (1, 1_000_000_000),
+    "compaction_entries": (2, 1_000_000_000),
+    "max_txn_ops": (1, 10_000),
+    # a body must hold a small request; beyond 64 MiB a JSON parse alone is a risk
+    "max_request_bytes": (4096, 64 * 1024 * 1024),
+    # a response must hold one value of the largest command (1.5 MiB, base64)
+    "max_response_bytes": (4 * 1024 * 1024, 1024 * 1024 * 1024),
+    "max_client_connections": (8, 1_000_000),
+}
 
 _CLUSTER_KEYS: Final = frozenset(
     {
@@ -70,6 +112,12 @@ _CLUSTER_KEYS: Final = frozenset(
         "message_retention_count",
         "compaction_entries",
         "fsync",
+        "max_txn_ops",
+        "max_request_bytes",
+        "max_response_bytes",
+        "client_header_timeout",
+        "client_body_timeout",
+        "max_client_connections",
     }
 )
 _NODE_KEYS: Final = frozenset({"name", "raft", "client", "data_dir", "voter"})
@@ -208,6 +256,18 @@ class ClusterConfig:
     compaction_entries: int = 10000
     #: Fsync the journal and snapshots after each write (slower, survives power loss).
     fsync: bool = False
+    #: Most ops in each of a txn's compare, success and failure lists (etcd's default).
+    max_txn_ops: int = DEFAULT_MAX_TXN_OPS
+    #: Largest HTTP request body accepted (413 beyond it).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Largest response a read may build (400 naming this setting beyond it).
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    #: Seconds a client connection may take to send a request head (also the idle keep-alive time).
+    client_header_timeout: float = 10.0
+    #: Seconds a client may take to send a request body (408 beyond it).
+    client_body_timeout: float = 30.0
+    #: Client connections open at once; more are closed as they come.
+    max_client_connections: int = 1024
 
     def node(self, name: str) -> NodeConfig:
         """The node called ``name``; raises ConfigError naming the known nodes."""
@@ -249,16 +309,51 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     """
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        raw = read_small_file(p, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the file: {exc.strerror or exc}", field="file") from None
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {exc}", field="file") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: the file is not UTF-8 text ({exc.reason} at byte {exc.start})", field="file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}", field="file") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deeply", field="file") from None
     return parse_config(data, path=p, env=env)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    Raises OSError when it cannot be opened, ValueError (with the reason) when
+    it is not a regular file or is too large. The file is opened without
+    blocking and checked before reading, so a FIFO, ``/dev/zero`` or
+    ``/dev/urandom`` is refused at once instead of hanging or filling memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, FIFO or socket"
+            raise ValueError(f"not a regular file ({kind})")
+        if st.st_size > limit:
+            raise ValueError(f"the file is larger than {limit} bytes ({st.st_size})")
+        chunks: list[bytes] = []
+        size = 0
+        while True:  # the size may change under us: never read past the limit
+            chunk = os.read(fd, min(65536, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"the file is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def parse_config(
@@ -363,9 +458,22 @@ class _Parser:
                 "start elections between heartbeats",
             )
         retention_seconds = self.seconds(cluster, "cluster.message_retention_seconds", 3600.0)
-        retention_count = self.integer(cluster, "cluster.message_retention_count", 10000, minimum=1)
-        compaction = self.integer(cluster, "cluster.compaction_entries", 10000, minimum=2)
+        retention_count = self.integer(cluster, "cluster.message_retention_count", 10000)
+        compaction = self.integer(cluster, "cluster.compaction_entries", 10000)
         fsync = self.boolean(cluster, "cluster.fsync", False)
+        limits = {
+            key: self.integer(cluster, f"cluster.{key}", default)
+            for key, default in (
+                ("max_txn_ops", DEFAULT_MAX_TXN_OPS),
+                ("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+                ("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+                ("max_client_connections", 1024),
+            )
+        }
+        client_timeouts = {
+            key: self.seconds(cluster, f"cluster.{key}", default)
+            for key, default in (("client_header_timeout", 10.0), ("client_body_timeout", 30.0))
+        }
 
         nodes = tuple(self.node(i, raw, data_dir) for i, raw in enumerate(raw_nodes))
         self.check_unique(nodes)
@@ -383,6 +491,8 @@ class _Parser:
             message_retention_count=retention_count,
             compaction_entries=compaction,
             fsync=fsync,
+            **limits,
+            **client_timeouts,
             **timeouts,
         )
 
@@ -424,10 +534,11 @@ class _Parser:
             for what in ("raft", "client"):
                 text = getattr(node, what)
                 host, port = parse_address(text)
-                key = (host.lower(), port)
-                if key in addresses:
-                    raise self.fail(f"node[{i}].{what}", f"{text} is already used by {addresses[key]}")
-                addresses[key] = f"node[{i}].{what}"
+                for key in _listen_keys(host, port):
+                    if key in addresses:
+                        raise self.fail(f"node[{i}].{what}", f"{text} is already used by {addresses[key]}")
+                for key in _listen_keys(host, port):
+                    addresses[key] = f"node[{i}].{what}"
             if node.data_dir in dirs:
                 owner = dirs[node.data_dir]
                 raise self.fail(f"node[{i}].data_dir", f"{node.data_dir} is already the data_dir of {owner}")
@@ -488,8 +599,8 @@ class _Parser:
         if "secret_file" in cluster:
             path = self.path_setting(cluster, "cluster.secret_file", default="")
             try:
-                text = path.read_text("utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
+                text = read_small_file(path, MAX_SECRET_FILE_BYTES).decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise self.fail("cluster.secret_file", f"cannot read {path}: {reason}") from None
             try:
@@ -525,17 +636,23 @@ class _Parser:
         value = table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(setting, f"must be a number of seconds, not {_toml_type(value)}")
+        low, high = _SECONDS_RANGE[key]
         if not math.isfinite(value) or value <= 0:
-            raise self.fail(setting, f"{value} is not a number of seconds more than 0")
+            raise self.fail(setting, f"{value} is not a number of seconds more than 0 (at least {low}, at most {high})")
+        if not low <= value <= high:
+            raise self.fail(setting, f"{value} seconds is out of range: at least {low}, at most {high}")
         return float(value)
 
-    def integer(self, table: Mapping[str, Any], setting: str, default: int, *, minimum: int) -> int:
+    def integer(self, table: Mapping[str, Any], setting: str, default: int) -> int:
         key = setting.rsplit(".", 1)[1]
         value = table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(setting, f"must be an integer, not {_toml_type(value)}")
-        if value < minimum:
-            raise self.fail(setting, f"{value} is less than {minimum}")
+        low, high = _INTEGER_RANGE[key]
+        if value < low:
+            raise self.fail(setting, f"{value} is less than {low} (at least {low}, at most {high})")
+        if value > high:
+            raise self.fail(setting, f"{value} is out of range: at least {low}, at most {high}")
         return value
 
     def boolean(self, table: Mapping[str, Any], setting: str, default: bool) -> bool:
@@ -544,6 +661,25 @@ class _Parser:
         if not isinstance(value, bool):
             raise self.fail(setting, f"must be true or false, not {_toml_type(value)}")
         return value
+
+
+_LOOPBACK_NAMES: Final = ("127.0.0.1", "::1")
+
+
+def _listen_keys(host: str, port: int) -> list[tuple[str, int]]:
+    """The (address, port) pairs a listener on ``host:port`` takes, for duplicate checks.
+
+    Loopback names all mean this machine: ``localhost`` takes both
+    ``127.0.0.1`` and ``::1``, and an address spelled two ways
+    (``::1``, ``0:0:0:0:0:0:0:1``) is one address.
+    """
+    name = host.lower().rstrip(".")
+    if name in ("localhost", "ip6-localhost"):
+        return [(a, port) for a in _LOOPBACK_NAMES]
+    try:
+        return [(ipaddress.ip_address(name).compressed, port)]
+    except ValueError:
+        return [(name, port)]
 
 
 def _toml_type(value: Any) -> str:

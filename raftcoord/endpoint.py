@@ -21,19 +21,41 @@ Routes (etcd's gateway routes take POST with a JSON body)::
     GET  /raftcoord/v1/messages  ?since=CLOCK&limit=N&consistency=...  (limit: default 1000, max 10000)
                                  -> {"messages", "more", "revision", "clock", "floor"}
     POST /raftcoord/v1/messages  {"type", "event"?, "payload"?} -> {"message"}
+    POST /raftcoord/v1/session   {}                 -> {"client"}
 
 Other ``/v3/`` paths (watch, leases, auth, ...) answer 501. etcd routes
 read linearizably unless the request says ``serializable``; raftcoord's GET
 routes take ``?consistency=serializable``. raftcoord's own JSON writes
 integers as numbers, bytes as base64 text and times as RFC 3339.
 
+Writes at most once: ``POST /raftcoord/v1/session`` registers a client
+session with the state machine; a write route (put, deleterange, txn, POST
+messages) may then carry ``X-Raftcoord-Request: <client>:<seq>:<lowest
+outstanding>``, passed on as the command's request id, so a client can retry
+a write on another node without applying it twice. Without the header the
+node's own session is used.
+
 Errors: every failure is a JSON body ``{"error", "code", "message"}`` plus
 ``"field"`` when one field was wrong; ``code`` is the gRPC code (an int)
-under ``/v3/`` and ``/version``, and raftcoord's error code (a string)
-elsewhere. With a token configured, every route but ``/health`` needs
-``Authorization: Bearer <token>``. Refused requests are logged at INFO, at
-most :data:`REFUSAL_LOG_BURST` lines a minute; an unexpected exception is a
-bug: logged with its traceback, answered 500, and the node keeps serving.
+under ``/v3/`` and ``/version`` (where ``"raftcoord_code"`` carries
+raftcoord's code), and raftcoord's error code (a string) elsewhere. A write
+whose outcome is unknown (it may have applied) is 504 with code
+``unknown_outcome``. With a token configured, every route but ``/health``
+needs ``Authorization: Bearer <token>``.
+
+Limits (settings of the cluster file, see ``cluster.example.toml``): request
+bodies beyond ``max_request_bytes`` get 413 before they are read in full;
+txns beyond ``max_txn_ops`` and answers beyond ``max_response_bytes`` get
+400 naming the setting. A connection must deliver a request's head within
+:data:`HEADER_TIMEOUT` seconds and its body within :data:`BODY_TIMEOUT`
+(408 then), and idle keep-alive connections close after
+:data:`HEADER_TIMEOUT`; at most :data:`MAX_CONNECTIONS` are open at once
+(:func:`serve` sets these up).
+
+Logging: refused requests, malformed HTTP and clients that go away are
+logged at INFO, at most :data:`REFUSAL_LOG_BURST` lines a minute, never with
+a traceback; an unexpected exception is a bug: logged with its traceback,
+answered 500, and the node keeps serving.
 """
 
 from __future__ import annotations
@@ -52,26 +74,52 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from typing import Any, Final, TypeVar
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from raftcoord import etcd_json
-from raftcoord.config import ClusterConfig, NodeConfig, stable_id
+from raftcoord.config import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_TXN_OPS,
+    ClusterConfig,
+    NodeConfig,
+    stable_id,
+)
 from raftcoord.coordinator import Coordinator
-from raftcoord.errors import AuthError, InvalidInputError, RaftcoordError
-from raftcoord.store import Store
+from raftcoord.errors import AuthError, CompactedError, InvalidInputError, RaftcoordError, RequestTooLargeError
+from raftcoord.httpserve import HEADER_TIMEOUT, MAX_CONNECTIONS, REFUSAL_LOG_BURST, Throttle, one_line, serve
+from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, MessageKey, prefix_end
+from raftcoord.store import KeyValue, Store
+from raftcoord.values import Message
 
-__all__ = ["MAX_BODY_BYTES", "MAX_JSON_DEPTH", "REFUSAL_LOG_BURST", "RefusalLog", "make_app", "rfc3339", "to_json"]
+__all__ = [
+    "BODY_TIMEOUT",
+    "HEADER_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "MAX_CONNECTIONS",
+    "MAX_JSON_DEPTH",
+    "REFUSAL_LOG_BURST",
+    "REQUEST_HEADER",
+    "RefusalLog",
+    "make_app",
+    "rfc3339",
+    "serve",
+    "to_json",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The largest request body accepted (a value near the command limit, in base64).
-MAX_BODY_BYTES: Final = 2 * 1024 * 1024
+#: The largest request body accepted without a config (``max_request_bytes``'s default).
+MAX_BODY_BYTES: Final = DEFAULT_MAX_REQUEST_BYTES
+#: Seconds a request may take to send its body once its head arrived.
+BODY_TIMEOUT: Final = 30.0
+#: The header that carries a client's own request id on write routes.
+REQUEST_HEADER: Final = "X-Raftcoord-Request"
 #: The deepest JSON nesting accepted in a request.
 MAX_JSON_DEPTH: Final = 64
-#: Refused requests logged per minute, at most; the rest are counted.
-REFUSAL_LOG_BURST: Final = 20
 #: Messages returned by one GET /raftcoord/v1/messages when no limit is given.
 DEFAULT_MESSAGE_LIMIT: Final = 1000
 MAX_MESSAGE_LIMIT: Final = 10000
@@ -85,7 +133,14 @@ _ETCD_POST_ROUTES: Final = (
     "/v3/maintenance/status",
     "/v3/cluster/member/list",
 )
-_HTTP_CODES: Final = {401: "auth", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 501: "unimplemented"}
+_HTTP_CODES: Final = {
+    401: "auth",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "too_large",
+    501: "unimplemented",
+}
 _CONSISTENCIES: Final = ("linearizable", "serializable")
 
 
@@ -97,17 +152,25 @@ def _raftcoord_version() -> str:
 
 
 def make_app(
-    coordinator: Coordinator, config: ClusterConfig | None = None, node_name: str | None = None
+    coordinator: Coordinator,
+    config: ClusterConfig | None = None,
+    node_name: str | None = None,
+    *,
+    body_timeout: float | None = None,
 ) -> web.Application:
     """The client endpoint of one node, serving ``coordinator``.
 
-    ``config`` gives the member list, the token and the request timeout;
-    ``node_name`` (default: the coordinator's host) must be one of its nodes.
+    ``config`` gives the member list, the token, the request timeout and the
+    limits; ``node_name`` (default: the coordinator's host) must be one of
+    its nodes. A request body must arrive within ``body_timeout`` seconds
+    (default: the config's ``client_body_timeout``, else :data:`BODY_TIMEOUT`).
     The application owns a thread pool, shut down on cleanup; the
-    coordinator stays the caller's to close.
+    coordinator stays the caller's to close. Serve it with :func:`serve`.
     """
-    endpoint = _Endpoint(coordinator, config, node_name)
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[endpoint.middleware])
+    if body_timeout is None:
+        body_timeout = config.client_body_timeout if config is not None else BODY_TIMEOUT
+    endpoint = _Endpoint(coordinator, config, node_name, body_timeout)
+    app = web.Application(client_max_size=endpoint.max_request_bytes, middlewares=[endpoint.middleware])
     for path, handler in (
         ("/v3/kv/range", endpoint.kv_range),
         ("/v3/kv/put", endpoint.kv_put),
@@ -123,6 +186,7 @@ def make_app(
     app.router.add_get("/raftcoord/v1/nodes", endpoint.nodes)
     app.router.add_get("/raftcoord/v1/messages", endpoint.get_messages)
     app.router.add_post("/raftcoord/v1/messages", endpoint.post_message)
+    app.router.add_post("/raftcoord/v1/session", endpoint.session)
     app.router.add_route("*", "/v3/{tail:.*}", endpoint.unimplemented)
     app.on_cleanup.append(endpoint.cleanup)
     return app
@@ -131,7 +195,9 @@ def make_app(
 class _Endpoint:
     """The handlers and their shared state; one per application."""
 
-    def __init__(self, coordinator: Coordinator, config: ClusterConfig | None, node_name: str | None) -> None:
+    def __init__(
+        self, coordinator: Coordinator, config: ClusterConfig | None, node_name: str | None, body_timeout: float
+    ) -> None:
         self.coord = coordinator
         self.config = config
         self.node_name = node_name if node_name is not None else coordinator.host
@@ -140,6 +206,18 @@ class _Endpoint:
         self.member_id = stable_id(self.node_name)
         self.token = config.token if config is not None else None
         self.timeout = config.request_timeout if config is not None else None
+        self.body_timeout = body_timeout
+        self.max_request_bytes = config.max_request_bytes if config is not None else MAX_BODY_BYTES
+        self.max_txn_ops = int(
+            config.max_txn_ops if config is not None else getattr(coordinator, "max_txn_ops", DEFAULT_MAX_TXN_OPS)
+        )
+        self.max_response_bytes = int(
+            config.max_response_bytes
+            if config is not None
+            else getattr(coordinator, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        )
+        # The last Raft term seen, for response headers when status is unavailable.
+        self.last_term = 0
         self.version_info = {
             "etcdserver": etcd_json.ETCD_VERSION,
             "etcdcluster": etcd_json.ETCD_VERSION,
@@ -159,6 +237,18 @@ class _Endpoint:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
+    async def run_json(self, fn: Callable[[], Any]) -> web.Response:
+        """Run ``fn`` on the thread pool and answer its result as JSON.
+
+        The encoding happens on the pool too: an answer of tens of megabytes
+        must not hold the event loop.
+        """
+
+        def work() -> bytes:
+            return json.dumps(fn()).encode("utf-8")
+
+        return web.Response(body=await self.run(work), content_type="application/json")
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         """Authenticate, then turn every failure into a JSON error body."""
@@ -170,6 +260,8 @@ class _Endpoint:
             reason = exc.message
             headers = {"WWW-Authenticate": 'Bearer realm="raftcoord"'} if exc.http_status == 401 else None
             response = self.error(request, exc.http_status, exc.message, exc.code, exc.field, headers)
+            if request.get(_BODY_UNREAD):
+                response.force_close()  # the rest of the body is not worth waiting for
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -179,6 +271,8 @@ class _Endpoint:
             }.get(exc.status, exc.text or exc.reason)
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = self.error(request, exc.status, reason, _HTTP_CODES.get(exc.status, "http_error"), None, allow)
+            if exc.status == 408:
+                response.force_close()
         except Exception:
             log.exception("bug: unhandled exception answering %s %s", request.method, request.path)
             return self.error(request, 500, "internal error (a bug in raftcoord; see the node's log)", "internal", None)
@@ -212,13 +306,44 @@ class _Endpoint:
             "code": etcd_json.grpc_code(status) if etcd else code,
             "message": message,
         }
+        if etcd:
+            body["raftcoord_code"] = code
         if field is not None:
             body["field"] = field
         return web.json_response(body, status=status, headers=headers)
 
     async def body(self, request: web.Request) -> Any:
-        """The request's JSON body; an empty body is ``{}``, as the gateway reads it."""
-        raw = await request.read()
+        """The request's JSON body; an empty body is ``{}``, as the gateway reads it.
+
+        Bounded in size (``max_request_bytes``: 413, before the body is read
+        when its length is announced) and in time (``body_timeout``: 408).
+        """
+        too_large = RequestTooLargeError(
+            f"body: the request body is larger than {self.max_request_bytes} bytes (max_request_bytes)",
+            field="max_request_bytes",
+        )
+        length = request.content_length
+        request[_BODY_UNREAD] = True
+        if length is not None and length > self.max_request_bytes:
+            raise too_large
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"body: the request body did not arrive within {self.body_timeout:g} seconds"
+            ) from None
+        except (http_exceptions.HttpProcessingError, RequestPayloadError) as exc:
+            # e.g. a Content-Encoding the body does not decode with
+            raise InvalidInputError(f"body: cannot decode the request body: {one_line(exc)}", field="body") from None
+        except ConnectionError:
+            # Nobody will read the answer; the refusal log notes it (throttled).
+            raise InvalidInputError(
+                "body: the client closed the connection before sending the body", field="body"
+            ) from None
+        request[_BODY_UNREAD] = False
         if not raw.strip():
             return {}
         try:
@@ -226,56 +351,85 @@ class _Endpoint:
         except UnicodeDecodeError:
             raise InvalidInputError("body: the request body is not UTF-8", field="body") from None
         try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            data = json.loads(
+                text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float
+            )
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"body: not valid JSON: {exc}", field="body") from None
         except RecursionError:
             raise InvalidInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", field="body") from None
+        except ValueError as exc:  # an integer of more than 4,300 digits, among others
+            raise InvalidInputError(f"body: not valid JSON: {one_line(exc)}", field="body") from None
         _check_depth(data)
         return data
 
     def header(self, revision: int) -> dict[str, Any]:
-        """An etcd ResponseHeader at ``revision`` (blocking: asks the backend for the term)."""
-        term = self.coord.status().get("term") or 0
-        return etcd_json.header(
-            cluster_id=self.cluster_id, member_id=self.member_id, revision=revision, raft_term=int(term)
-        )
+        """An etcd ResponseHeader at ``revision``; never fails.
 
-    def execute(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Propose ``command`` and return its result with a header (blocking)."""
-        result = self.coord.execute(command, timeout=self.timeout)
+        The term comes from the replica's cached status; if even that is
+        unavailable, from the last one seen: an answer that is ready (a
+        committed write above all) must never fail for want of a header.
+        """
+        try:
+            term = int(self.coord.status().get("term") or 0)
+        except Exception:  # noqa: BLE001 - the header is decoration, the answer is not
+            term = self.last_term
+        else:
+            self.last_term = max(self.last_term, term)
+        return etcd_json.header(cluster_id=self.cluster_id, member_id=self.member_id, revision=revision, raft_term=term)
+
+    def execute(self, command: dict[str, Any], req: list[Any] | None = None) -> dict[str, Any]:
+        """Propose ``command`` (under the client's request id ``req``, if any) and
+        return its result with a header (blocking)."""
+        result = self.coord.execute(command, timeout=self.timeout, req=req)
         return {"result": result, "header": self.header(int(result["revision"]))}
 
     # --------------------------------------------------------- etcd: KV
 
     async def kv_range(self, request: web.Request) -> web.Response:
-        """POST /v3/kv/range."""
+        """POST /v3/kv/range: a read-only txn of one range, read off the Raft thread."""
         query = etcd_json.parse_range(await self.body(request))
         consistency = "serializable" if query.serializable else "linearizable"
 
         def work() -> dict[str, Any]:
-            out, revision = self.coord.read(lambda s: etcd_json.run_range(s, query), consistency=consistency)
-            return {"header": self.header(revision), **out}
+            result = self.coord.read_txn(etcd_json.range_txn(query), consistency=consistency)
+            out = etcd_json.range_response(query, result)
+            return {"header": self.header(int(result["revision"])), **out}
 
-        return web.json_response(await self.run(work))
+        return await self.run_json(work)
 
     async def kv_put(self, request: web.Request) -> web.Response:
         """POST /v3/kv/put."""
+        req = _request_id(request)
         command = etcd_json.put_command(await self.body(request))
-        done = await self.run(self.execute, command)
+        done = await self.run(self.execute, command, req)
         return web.json_response({"header": done["header"], **etcd_json.put_response(done["result"])})
 
     async def kv_delete(self, request: web.Request) -> web.Response:
         """POST /v3/kv/deleterange."""
+        req = _request_id(request)
         command = etcd_json.delete_command(await self.body(request))
-        done = await self.run(self.execute, command)
+        done = await self.run(self.execute, command, req)
         return web.json_response({"header": done["header"], **etcd_json.delete_response(done["result"])})
 
     async def kv_txn(self, request: web.Request) -> web.Response:
-        """POST /v3/kv/txn."""
-        command = etcd_json.txn_command(await self.body(request))
-        done = await self.run(self.execute, command)
-        return web.json_response({"header": done["header"], **etcd_json.txn_response(done["result"])})
+        """POST /v3/kv/txn (a txn without writes is answered as a read, never proposed)."""
+        req = _request_id(request)
+        command = etcd_json.txn_command(await self.body(request), max_ops=self.max_txn_ops)
+
+        def work() -> dict[str, Any]:
+            done = self.execute(command, req)
+            return {"header": done["header"], **etcd_json.txn_response(done["result"])}
+
+        return await self.run_json(work)
+
+    async def session(self, request: web.Request) -> web.Response:
+        """POST /raftcoord/v1/session: register a client session for X-Raftcoord-Request."""
+        body = await self.body(request)
+        if body != {}:
+            raise InvalidInputError("body: must be an empty JSON object", field="body")
+        client = await self.run(lambda: self.coord.new_session(timeout=self.timeout))
+        return web.json_response({"client": client})
 
     # ------------------------------------------ etcd: maintenance, cluster
 
@@ -285,7 +439,7 @@ class _Endpoint:
 
         def work() -> dict[str, Any]:
             status = self.coord.status()
-            revision, size = self.coord.read(_revision_and_size, consistency="serializable")
+            revision, size = self.revision_and_size()
             term = int(status.get("term") or 0)
             out: dict[str, Any] = {
                 "header": etcd_json.header(
@@ -310,6 +464,26 @@ class _Endpoint:
             return out
 
         return web.json_response(await self.run(work))
+
+    def revision_and_size(self) -> tuple[int, int]:
+        """The local revision and the bytes of all keys and values (blocking).
+
+        Walked through a view a page at a time, so the Raft thread is never
+        held for more than a page; past :data:`_SIZE_SAMPLE` keys the size is
+        estimated from them, so a status request costs little however large
+        the store (etcd's dbSize is a file size, an estimate too).
+        """
+        size = walked = 0
+        with self.coord.view(consistency="serializable") as reader:
+            count = reader.range(b"\x00", b"\x00", limit=1).count
+            while walked < min(count, _SIZE_SAMPLE):
+                page = reader.range(b"\x00", b"\x00", limit=_SIZE_PAGE, offset=walked).kvs
+                if not page:
+                    break
+                size += sum(len(kv.key) + len(kv.value) for kv in page)
+                walked += len(page)
+            revision = reader.revision
+        return revision, (size if walked >= count or not walked else size * count // walked)
 
     def leader_id(self, status: Mapping[str, Any]) -> int:
         """The member ID of the leader this node believes in, or 0 for none."""
@@ -350,11 +524,20 @@ class _Endpoint:
     # ------------------------------------------------------- health, own
 
     async def health(self, request: web.Request) -> web.Response:
-        """GET /health: 200 only while this node knows a leader."""
+        """GET /health: 200 only while this node knows a leader and its replica keeps up."""
         try:
             status = await self.run(self.coord.status)
         except RaftcoordError as exc:
             return web.json_response({"health": "false", "reason": exc.message}, status=503)
+        except Exception as exc:  # noqa: BLE001 - unhealthy, whatever the cause
+            log.warning("health check: status failed: %s", one_line(exc))
+            return web.json_response({"health": "false", "reason": f"status failed: {one_line(exc)}"}, status=503)
+        if status.get("healthy") is False:
+            stalled = status.get("stalled_for")
+            reason = f"replica {status.get('role') or 'unhealthy'}" + (
+                f": the Raft thread has not ticked for {stalled} s" if stalled else ""
+            )
+            return web.json_response({"health": "false", "reason": reason}, status=503)
         if not self.leader_id(status):
             return web.json_response({"health": "false", "reason": "no leader known to this node"}, status=503)
         return web.json_response({"health": "true"})
@@ -391,19 +574,45 @@ class _Endpoint:
             raise InvalidInputError(f"limit: must be 1-{MAX_MESSAGE_LIMIT}, got {limit}", field="limit")
 
         def read(store: Store) -> dict[str, Any]:
-            messages = store.messages(since, limit=limit + 1)
+            # Only references under the state lock: decoding and encoding
+            # happen after it, within the response budget.
+            if since is not None and since < store.message_floor:
+                raise CompactedError(
+                    f"messages up to clock {store.message_floor} were purged; cannot resume from {since}",
+                    field="since",
+                )
+            if since is not None and since >= MAX_CLOCK:
+                kvs: tuple[KeyValue, ...] = ()
+            else:
+                start = MESSAGE_PREFIX if since is None else MessageKey(since + 1, 0).encode()
+                kvs = store.range(start, prefix_end(MESSAGE_PREFIX), limit=limit + 1).kvs
+            return {"kvs": kvs, "revision": store.revision, "clock": store.clock, "floor": store.message_floor}
+
+        def work() -> dict[str, Any]:
+            found = self.coord.read(read, consistency=consistency)
+            messages: list[Any] = []
+            size = 0
+            more = len(found["kvs"]) > limit
+            for kv in found["kvs"][:limit]:
+                item = to_json(Message.decode(kv.value).to_map())
+                size += len(json.dumps(item))
+                if messages and size > self.max_response_bytes:
+                    more = True  # the rest in the next page: max_response_bytes
+                    break
+                messages.append(item)
             return {
-                "messages": [to_json(m.to_map()) for m in messages[:limit]],
-                "more": len(messages) > limit,
-                "revision": store.revision,
-                "clock": store.clock,
-                "floor": store.message_floor,
+                "messages": messages,
+                "more": more,
+                "revision": found["revision"],
+                "clock": found["clock"],
+                "floor": found["floor"],
             }
 
-        return web.json_response(await self.run(lambda: self.coord.read(read, consistency=consistency)))
+        return await self.run_json(work)
 
     async def post_message(self, request: web.Request) -> web.Response:
         """POST /raftcoord/v1/messages."""
+        req = _request_id(request)
         body = await self.body(request)
         if not isinstance(body, dict):
             raise InvalidInputError("body: must be a JSON object with type, event and payload", field="body")
@@ -412,7 +621,8 @@ class _Endpoint:
                 raise InvalidInputError(f"{name}: unknown field (known: type, event, payload)", field=name)
         if body.get("type") is None:
             raise InvalidInputError("type: required (an int 0-255 or one character such as \"U\")", field="type")
-        message = await self.run(self.coord.post_message, body["type"], body.get("event"), body.get("payload"))
+        args = (body["type"], body.get("event"), body.get("payload"))
+        message = await self.run(lambda: self.coord.post_message(*args, req=req))
         return web.json_response({"message": to_json(message.to_map())})
 
 
@@ -426,30 +636,46 @@ class RefusalLog:
     def __init__(
         self, burst: int = REFUSAL_LOG_BURST, window: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.burst = burst
-        self.window = window
-        self.clock = clock
-        self.started = clock()
-        self.logged = 0
-        self.suppressed = 0
+        self.throttle = Throttle(burst, window, clock)
 
     def refused(self, request: web.Request, status: int, reason: str) -> None:
         """Record one refused request."""
-        now = self.clock()
-        if now - self.started >= self.window:
-            if self.suppressed:
-                log.info("%d more refused requests were not logged", self.suppressed)
-            self.started, self.logged, self.suppressed = now, 0, 0
-        if self.logged >= self.burst:
-            self.suppressed += 1
-            return
-        self.logged += 1
-        log.info("refused %s %s from %s: %d %s", request.method, request.path, request.remote, status, reason)
+        if self.throttle.allow():
+            log.info("refused %s %s from %s: %d %s", request.method, request.path, request.remote, status, reason)
 
 
-def _revision_and_size(store: Store) -> tuple[int, int]:
-    size = sum(len(kv.key) + len(kv.value) for kv in store.range(b"\x00", b"\x00").kvs)
-    return store.revision, size
+_SIZE_PAGE: Final = 4096
+_SIZE_SAMPLE: Final = 65536
+#: Request key: the body was not read to its end (the connection is closed after the answer).
+_BODY_UNREAD: Final[Any] = (
+    web.RequestKey("raftcoord_body_unread", bool) if hasattr(web, "RequestKey") else "raftcoord_body_unread"
+)
+
+
+def _request_id(request: web.Request) -> list[Any] | None:
+    """The client's request id from X-Raftcoord-Request, or None; malformed is a 400."""
+    values = request.headers.getall(REQUEST_HEADER, [])
+    if not values:
+        return None
+    field = REQUEST_HEADER.lower()
+    shape = f"{REQUEST_HEADER}: must be <client>:<seq>:<lowest outstanding seq>, as from POST /raftcoord/v1/session"
+    if len(values) > 1:
+        raise InvalidInputError(f"{REQUEST_HEADER}: given {len(values)} times", field=field)
+    parts = values[0].strip().rsplit(":", 2)
+    if len(parts) != 3:
+        raise InvalidInputError(shape, field=field)
+    client, seq_text, low_text = parts
+    if not client or len(client) > 128 or not client.isascii() or not client.isprintable() or " " in client:
+        raise InvalidInputError(f"{shape} (the client id is 1-128 printable ASCII characters)", field=field)
+    numbers = []
+    for text in (seq_text, low_text):
+        if not text.isascii() or not text.isdigit() or len(text) > 20 or int(text) > MAX_CLOCK:
+            raise InvalidInputError(f"{shape} ({text[:40]!r} is not an unsigned 64-bit integer)", field=field)
+        numbers.append(int(text))
+    seq, low = numbers
+    if low > seq:
+        raise InvalidInputError(f"{shape} (the lowest outstanding seq {low} is above seq {seq})", field=field)
+    return [client, seq, low]
 
 
 def _member_json(node: NodeConfig) -> dict[str, Any]:
@@ -498,6 +724,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise InvalidInputError(f"body: {name} is not valid JSON", field="body")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 would become infinity, stored, and read back as the text "inf"
+        raise InvalidInputError(f"body: the number {text[:40]} is too large for a float", field="body")
+    return value
 
 
 def _check_depth(data: Any) -> None:

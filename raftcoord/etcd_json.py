@@ -34,8 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from raftcoord.errors import CompactedError, InvalidInputError
-from raftcoord.store import KeyValue, Store
+from raftcoord.errors import CompactedError, InvalidInputError, LimitExceededError
 
 __all__ = [
     "ETCD_VERSION",
@@ -50,7 +49,8 @@ __all__ = [
     "parse_range",
     "put_command",
     "put_response",
-    "run_range",
+    "range_response",
+    "range_txn",
     "txn_command",
     "txn_response",
     "uint_str",
@@ -337,30 +337,48 @@ def parse_range(body: Any, path: str = "") -> RangeQuery:
     )
 
 
-def run_range(store: Store, q: RangeQuery) -> tuple[dict[str, Any], int]:
-    """Run ``q`` on ``store``; returns the response JSON (no header) and the revision.
+def range_txn(q: RangeQuery) -> dict[str, Any]:
+    """``q`` as a read-only store txn of one range op, for ``read_txn``.
 
-    Runs inside one store read, so the keys and the revision agree.
+    A read-only txn is answered off the Raft thread, a page at a time, and
+    its result is bounded by ``max_response_bytes``. A filtered or sorted
+    query reads the whole range (as etcd does for these) and
+    :func:`range_response` filters, sorts and cuts it.
     """
-    if q.revision and q.revision != store.revision:
-        if q.revision > store.revision:
-            raise _bad("revision", f"revision {q.revision} is a future revision (current {store.revision})")
+    op: dict[str, Any] = {"op": "range", "key": q.key, "range_end": q.range_end}
+    if not q.filtered:
+        op.update(limit=q.limit, sort_order="desc" if q.descending else "asc",
+                  keys_only=q.keys_only, count_only=q.count_only)
+    elif q.count_only:
+        op["count_only"] = True  # the count is of the range, before filters (as etcd)
+    return {"op": "txn", "compare": [], "success": [op], "failure": []}
+
+
+def range_response(q: RangeQuery, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``RangeResponse`` (no header) for ``q`` from the result of :func:`range_txn`.
+
+    Raises CompactedError or InvalidInputError when ``q`` asked for another
+    revision than the one read (raftcoord keeps only the current one).
+    """
+    revision = int(result["revision"])
+    if q.revision and q.revision != revision:
+        if q.revision > revision:
+            raise _bad("revision", f"revision {q.revision} is a future revision (current {revision})")
         raise CompactedError(
             f"revision: revision {q.revision} has been compacted; raftcoord keeps only the current "
-            f"revision ({store.revision})",
+            f"revision ({revision})",
             field="revision",
         )
-    if not q.filtered:
-        res = store.range(q.key, q.range_end, limit=q.limit, descending=q.descending)
-        kvs, count, more = list(res.kvs), res.count, res.more
-    else:
-        # As etcd does for these: read the whole range, filter, sort, then cut.
-        res = store.range(q.key, q.range_end)
-        count = res.count
-        kvs = [kv for kv in res.kvs if _passes(kv, q)]
+    res = result["responses"][0]
+    kvs: list[Mapping[str, Any]] = list(res.get("kvs") or ())
+    count = int(res.get("count") or 0)
+    more = bool(res.get("more"))
+    if q.filtered and not q.count_only:
+        kvs = [kv for kv in kvs if _passes(kv, q)]
         if q.sort_target != "key":
-            attr = {"version": "version", "create": "create_revision", "mod": "mod_revision", "value": "value"}
-            kvs.sort(key=lambda kv: getattr(kv, attr[q.sort_target]), reverse=q.descending)
+            name = _SORT_FIELD[q.sort_target]
+            empty: Any = b"" if name == "value" else 0
+            kvs.sort(key=lambda kv: kv.get(name) or empty, reverse=q.descending)
         elif q.descending:
             kvs.reverse()
         more = bool(q.limit) and len(kvs) > q.limit
@@ -373,15 +391,19 @@ def run_range(store: Store, q: RangeQuery) -> tuple[dict[str, Any], int]:
         out["more"] = True
     if count:
         out["count"] = str(count)
-    return out, store.revision
+    return out
 
 
-def _passes(kv: KeyValue, q: RangeQuery) -> bool:
+_SORT_FIELD: Final = {"version": "version", "create": "create_revision", "mod": "mod_revision", "value": "value"}
+
+
+def _passes(kv: Mapping[str, Any], q: RangeQuery) -> bool:
+    mod, create = kv.get("mod_revision") or 0, kv.get("create_revision") or 0
     return not (
-        (q.min_mod_revision and kv.mod_revision < q.min_mod_revision)
-        or (q.max_mod_revision and kv.mod_revision > q.max_mod_revision)
-        or (q.min_create_revision and kv.create_revision < q.min_create_revision)
-        or (q.max_create_revision and kv.create_revision > q.max_create_revision)
+        (q.min_mod_revision and mod < q.min_mod_revision)
+        or (q.max_mod_revision and mod > q.max_mod_revision)
+        or (q.min_create_revision and create < q.min_create_revision)
+        or (q.max_create_revision and create > q.max_create_revision)
     )
 
 
@@ -433,9 +455,21 @@ _TARGETS: Final = {
 _UNION: Final = ("version", "create_revision", "mod_revision", "value", "lease")
 
 
-def txn_command(body: Any) -> dict[str, Any]:
-    """A ``TxnRequest`` JSON object as a store ``txn`` command."""
+def txn_command(body: Any, *, max_ops: int | None = None) -> dict[str, Any]:
+    """A ``TxnRequest`` JSON object as a store ``txn`` command.
+
+    With ``max_ops``, a txn with more compares, or more ops in a branch, is
+    refused (LimitExceededError naming ``max_txn_ops``) before its ops are read.
+    """
     f = _fields(body, _TXN_REQUEST, "", "TxnRequest")
+    if max_ops is not None:
+        for name in ("compare", "success", "failure"):
+            n = len(f.get(name, []))
+            if n > max_ops:
+                raise LimitExceededError(
+                    f"{name}: too many operations in txn request: {n} (max_txn_ops is {max_ops})",
+                    field="max_txn_ops",
+                )
     compare = [_compare(c, f"compare[{i}]") for i, c in enumerate(f.get("compare", []))]
     branches = {
         branch: [_request_op(op, f"{branch}[{i}]") for i, op in enumerate(f.get(branch, []))]
@@ -537,9 +571,9 @@ def uint_str(value: int) -> str:
     return str(int(value))
 
 
-def kv_json(kv: KeyValue | Mapping[str, Any], *, keys_only: bool = False) -> dict[str, Any]:
-    """A ``mvccpb.KeyValue`` in JSON; empty and zero fields are left out."""
-    m = kv.to_map() if isinstance(kv, KeyValue) else kv
+def kv_json(kv: Any, *, keys_only: bool = False) -> dict[str, Any]:
+    """A ``mvccpb.KeyValue`` (a KeyValue or its map) in JSON; empty and zero fields are left out."""
+    m = kv if isinstance(kv, Mapping) else kv.to_map()
     out: dict[str, Any] = {"key": b64(m["key"])}
     for name in ("create_revision", "mod_revision", "version"):
         if m.get(name):

@@ -322,3 +322,164 @@ def test_address_helpers() -> None:
             parse_address(bad)
     assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("LOCALHOST")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.com")
+
+
+# ------------------------------------------- issue 6: limits and bounds
+
+
+def test_issue6_d2_limit_settings_defaults_and_bounds(tmp_path: Path) -> None:
+    """max_txn_ops, max_request_bytes and max_response_bytes default as etcd does and are bounded."""
+    c = load(write_cluster(tmp_path))
+    assert (c.max_txn_ops, c.max_request_bytes, c.max_response_bytes) == (128, 1572864, 33554432)
+    c = load(write_cluster(tmp_path, cluster={"max_txn_ops": 5, "max_request_bytes": 65536,
+                                              "max_response_bytes": 4 * 1024 * 1024}))
+    assert (c.max_txn_ops, c.max_request_bytes, c.max_response_bytes) == (5, 65536, 4 * 1024 * 1024)
+    for setting, bad in (("max_txn_ops", 0), ("max_txn_ops", 10**9), ("max_txn_ops", 1.5),
+                         ("max_request_bytes", 10), ("max_request_bytes", 2**40),
+                         ("max_response_bytes", 100), ("max_response_bytes", 2**50)):
+        expect_error(write_cluster(tmp_path, cluster={setting: bad}), f"cluster.{setting}")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("message_retention_seconds", 1e11),
+        ("request_timeout", 1e300),
+        ("request_timeout", 1e-300),
+        ("heartbeat_period", 1e-300),
+        ("election_timeout_min", 1e-300),
+        ("election_timeout_max", 1e300),
+        ("message_retention_count", 10**30),
+        ("compaction_entries", 10**30),
+    ],
+)
+def test_issue6_d12_numbers_bounded_to_a_sane_range(tmp_path: Path, setting: str, value: Any) -> None:
+    """A number that would crash or wedge a node later is refused at load, naming the setting."""
+    cluster: dict[str, Any] = {setting: value}
+    if setting in ("heartbeat_period", "election_timeout_min"):
+        # "matching" timeouts, so that only the range check can refuse them
+        cluster = {"heartbeat_period": 1e-300, "election_timeout_min": 1e-299, "election_timeout_max": 1e-298}
+        setting = "heartbeat_period" if setting == "heartbeat_period" else "election_timeout_min"
+        with pytest.raises(ConfigError) as info:
+            load(write_cluster(tmp_path, cluster=cluster))
+        assert info.value.field is not None and info.value.field.startswith("cluster.")
+        return
+    exc = expect_error(write_cluster(tmp_path, cluster=cluster), f"cluster.{setting}")
+    assert "at most" in str(exc) or "at least" in str(exc)
+
+
+def test_issue6_d12_retention_at_its_maximum_does_not_overflow(tmp_path: Path) -> None:
+    """The largest message_retention_seconds accepted still gives a valid purge cut-off."""
+    from datetime import datetime, timedelta, timezone
+
+    from raftcoord.config import MAX_RETENTION_SECONDS
+
+    c = load(write_cluster(tmp_path, cluster={"message_retention_seconds": MAX_RETENTION_SECONDS}))
+    assert datetime.now(timezone.utc) - timedelta(seconds=c.message_retention_seconds) > datetime(1, 1, 2,
+                                                                                               tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("localhost:7001", "127.0.0.1:7001"),
+        ("127.0.0.1:7001", "LOCALHOST:7001"),
+        ("[::1]:7001", "localhost:7001"),
+        ("[0:0:0:0:0:0:0:1]:7001", "[::1]:7001"),
+    ],
+)
+def test_issue6_d12_same_loopback_address_spelled_twice(tmp_path: Path, first: str, second: str) -> None:
+    """localhost:P and 127.0.0.1:P are the same listening address: used twice, it is an error."""
+    path = write_cluster(tmp_path, nodes=[{"raft": first}, {"raft": second}])
+    expect_error(path, "node[1].raft", "already used by node[0].raft")
+
+
+def test_issue6_d12_distinct_addresses_still_allowed(tmp_path: Path) -> None:
+    """Different loopback addresses, or one port on two real hosts, are fine."""
+    load(write_cluster(tmp_path, nodes=[{"raft": "127.0.0.1:7001"}, {"raft": "127.0.0.2:7001"}]))
+    load(write_cluster(tmp_path, nodes=[{"raft": "10.0.0.1:7001"}, {"raft": "10.0.0.2:7001"}]))
+
+
+def test_issue6_d13_config_dev_zero_refused() -> None:
+    """--config /dev/zero is refused at once as not a regular file (never read without limit)."""
+    import subprocess
+    import sys
+
+    # In a child with a memory cap: before the fix this read /dev/zero until memory ran out.
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from raftcoord.config import load_config\n"
+        "from raftcoord.errors import ConfigError\n"
+        "try:\n    load_config('/dev/zero')\n"
+        "except ConfigError as exc:\n    print('ConfigError', exc.field, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("ConfigError file /dev/zero: "), out.stdout + out.stderr[-500:]
+    assert "not a regular file" in out.stdout
+
+
+def test_issue6_d13_config_fifo_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO as the cluster file is refused without waiting for a writer."""
+    import os
+    import threading
+
+    fifo = tmp_path / "cluster.toml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def go() -> None:
+        try:
+            load(fifo)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # unblock the reader so the thread ends, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_config blocked on a FIFO")
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0])
+
+
+def test_issue6_d13_config_over_size_cap_refused(tmp_path: Path) -> None:
+    """A cluster file larger than the cap is refused naming the file and the cap."""
+    from raftcoord.config import MAX_CONFIG_BYTES
+
+    path = write_cluster(tmp_path, extra="#" * (MAX_CONFIG_BYTES + 10) + "\n")
+    expect_error(path, "file", "larger than")
+
+
+@pytest.mark.parametrize(("opener", "closer"), [("[", "]"), ("{b = ", "}")])
+def test_issue6_d13_config_nested_5000_deep(tmp_path: Path, opener: str, closer: str) -> None:
+    """TOML nested 5,000 deep is a clean ConfigError, not a RecursionError."""
+    path = tmp_path / "cluster.toml"
+    path.write_text("a = " + opener * 5000 + "1" + closer * 5000 + "\n")
+    exc = expect_error(path, "file")
+    assert "too deeply" in str(exc).removeprefix(f"{path}: ")
+
+
+@pytest.mark.parametrize("target", ["/dev/urandom", "/dev/zero", "dir", "big"])
+def test_issue6_d13_secret_file_not_a_small_regular_file(tmp_path: Path, target: str) -> None:
+    """A secret_file that is a device, a directory or a big file is refused naming the setting."""
+    if target == "dir":
+        (tmp_path / "dir").mkdir()
+    elif target == "big":
+        (tmp_path / "big").write_text("x" * (1024 * 1024))
+    exc = expect_error(write_cluster(tmp_path, cluster={"secret_file": target}), "cluster.secret_file")
+    assert target in str(exc)
+
+
+def test_issue6_d6_client_connection_settings(tmp_path: Path) -> None:
+    """Client connection timeouts and the connection bound are settings with defaults and ranges."""
+    c = load(write_cluster(tmp_path))
+    assert (c.client_header_timeout, c.client_body_timeout, c.max_client_connections) == (10.0, 30.0, 1024)
+    c = load(write_cluster(tmp_path, cluster={"client_header_timeout": 2, "client_body_timeout": 5,
+                                              "max_client_connections": 64}))
+    assert (c.client_header_timeout, c.client_body_timeout, c.max_client_connections) == (2.0, 5.0, 64)
+    for setting, bad in (("client_header_timeout", 0), ("client_header_timeout", 1e9),
+                         ("client_body_timeout", 1e-9), ("max_client_connections", 0)):
+        expect_error(write_cluster(tmp_path, cluster={setting: bad}), f"cluster.{setting}")

@@ -21,9 +21,9 @@ from raftcoord import etcd_json
 from raftcoord.config import load_config, stable_id
 from raftcoord.coordinator import Coordinator, MemoryBackend
 from raftcoord.endpoint import MAX_BODY_BYTES, RefusalLog, make_app, rfc3339, to_json
-from raftcoord.errors import CompactedError, InvalidInputError, UnavailableError
+from raftcoord.errors import CompactedError, InvalidInputError, UnavailableError, UnknownOutcomeError
 from raftcoord.keys import NODE_PREFIX
-from raftcoord.store import Store
+from raftcoord.store import Store, read_txn
 
 _NO_BODY = object()
 _T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -103,6 +103,11 @@ class SpyCoordinator(Coordinator):
         """Record, then read."""
         self.consistencies.append(consistency)
         return super().read(fn, consistency=consistency)
+
+    def view(self, *, consistency: Any = None) -> Any:
+        """Record, then open a view."""
+        self.consistencies.append(consistency)
+        return super().view(consistency=consistency)
 
 
 class FlakyBackend(MemoryBackend):
@@ -463,7 +468,8 @@ def test_maintenance_status(api: Api) -> None:
     out = api.ok("/v3/maintenance/status", {})
     assert out["version"] == "3.5.0"
     assert out["leader"] == str(stable_id("n1"))
-    assert out["raftTerm"] == "1" and out["raftIndex"] == out["raftAppliedIndex"] == "1"
+    # the put, after the coordinator registered its client session
+    assert out["raftTerm"] == "1" and out["raftIndex"] == out["raftAppliedIndex"] == "2"
     assert out["dbSize"] == "8" and out["header"]["revision"] == "2"
     assert "isLearner" not in out and "errors" not in out
 
@@ -818,7 +824,8 @@ def test_fuzz_translation_refuses_cleanly(body: Any) -> None:
         assert exc.field
         return
     try:
-        out, _ = etcd_json.run_range(_seeded_store(), query)
+        result = read_txn(_seeded_store(), etcd_json.range_txn(query), max_result_bytes=1 << 20)
+        out = etcd_json.range_response(query, result)
     except (InvalidInputError, CompactedError):
         return
     json.dumps(out)
@@ -839,3 +846,204 @@ def test_fuzz_http_never_500(body: Any, path: str) -> None:
     assert status in (200, 400, 410), (status, out)
     if status != 200:
         assert out["error"] == out["message"] and "code" in out
+
+
+# ------------------------------------------------------------ issue 6
+
+
+def _ranges(n: int, key: bytes, **extra: Any) -> dict[str, Any]:
+    """A txn of ``n`` range ops over ``key``."""
+    op = {"request_range": {"key": b64(key), **extra}}
+    return {"success": [op] * n}
+
+
+def test_issue6_d2_txn_over_max_txn_ops_is_400() -> None:
+    """129 ops (etcd's default limit is 128) is a 400 naming max_txn_ops; 128 is fine."""
+    with Coordinator.memory("n1") as c:
+        api = Api(make_app(c))
+        try:
+            assert api.post("/v3/kv/txn", _ranges(128, b"k"))[0] == 200
+            for body in (_ranges(129, b"k"), {"compare": [{"key": b64("k"), "target": "VERSION"}] * 129}):
+                status, out = api.post("/v3/kv/txn", body)
+                assert status == 400 and out["field"] == "max_txn_ops" and "max_txn_ops" in out["message"], out
+        finally:
+            api.close()
+
+
+def test_issue6_d2_thousand_ranges_over_a_large_value_refused_quickly() -> None:
+    """1,000 ranges over one 1 MiB value (a 40 KB request) is a quick 4xx, not a 1.3 GB answer."""
+    import resource
+    import time
+
+    with Coordinator.memory("n1") as c:
+        c.put(b"big", b"v" * (1 << 20))
+        api = Api(make_app(c))
+        try:
+            body = _ranges(1000, b"big")
+            assert len(json.dumps(body)) < 41_000
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            started = time.monotonic()
+            status, out = api.post("/v3/kv/txn", body)
+            took = time.monotonic() - started
+            grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            assert 400 <= status < 500, out
+            assert took < 2.0 and grown_kib < 100 * 1024, (took, grown_kib)
+            # Within the op limit, the answer's size is what is refused.
+            status, out = api.post("/v3/kv/txn", _ranges(100, b"big"))
+            assert status == 400 and "max_response_bytes" in out["message"], out
+            grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            assert grown_kib < 200 * 1024, grown_kib
+        finally:
+            api.close()
+
+
+def test_issue6_d2_range_over_max_response_bytes_is_400_naming_it() -> None:
+    """A range whose answer passes max_response_bytes is a 400 naming it; a limit or keys_only fits."""
+    with Coordinator.memory("n1", max_response_bytes=4 << 20) as c:
+        for i in range(6):
+            c.put(f"k{i}".encode(), b"v" * (1 << 20))
+        api = Api(make_app(c))
+        try:
+            status, out = api.post("/v3/kv/range", {"key": b64("k"), "range_end": b64("l")})
+            assert status == 400 and "max_response_bytes" in out["message"], out
+            out = api.ok("/v3/kv/range", {"key": b64("k"), "range_end": b64("l"), "limit": 2})
+            assert len(out["kvs"]) == 2 and out["more"] and out["count"] == "6"
+            out = api.ok("/v3/kv/range", {"key": b64("k"), "range_end": b64("l"), "keys_only": True})
+            assert len(out["kvs"]) == 6 and "value" not in out["kvs"][0]
+            out = api.ok("/v3/kv/range", {"key": b64("k"), "range_end": b64("l"), "count_only": True})
+            assert out["count"] == "6" and "kvs" not in out
+            status, out = api.post("/v3/kv/range", {"key": b64("k"), "range_end": b64("l"), "sort_target": "MOD"})
+            assert status == 400 and "max_response_bytes" in out["message"], out
+        finally:
+            api.close()
+
+
+def test_issue6_d2_body_over_max_request_bytes_is_413_naming_it(tmp_path: Path, coord: Coordinator) -> None:
+    """max_request_bytes from the config bounds request bodies: 413 naming the setting."""
+    path = tmp_path / "cluster.toml"
+    path.write_text(CLUSTER_TOML.replace("request_timeout = 5", "request_timeout = 5\nmax_request_bytes = 65536"))
+    api = Api(make_app(coord, load_config(path, env={}), "n1"), headers={"Authorization": "Bearer s3cret-token"})
+    try:
+        ok, _ = api.post("/v3/kv/put", {"key": b64("k"), "value": b64("v" * 40_000)})
+        assert ok == 200
+        status, out = api.post("/v3/kv/put", {"key": b64("k"), "value": b64("v" * 60_000)})
+        assert status == 413 and "max_request_bytes" in out["message"], out
+    finally:
+        api.close()
+
+
+def test_issue6_d2_messages_page_bounded_in_bytes() -> None:
+    """GET messages stops a page at max_response_bytes (more: true); the next pages bring the rest."""
+    with Coordinator.memory("n1", max_response_bytes=4 << 20) as c:
+        for _ in range(8):
+            c.post_message("U", "C", "p" * 1_000_000)
+        api = Api(make_app(c))
+        try:
+            seen: list[int] = []
+            since = 0
+            for _ in range(8):
+                out = api.ok(f"/raftcoord/v1/messages?since={since}")
+                assert len(json.dumps(out)) < (4 << 20) + 1_100_000
+                seen += [m["clock"] for m in out["messages"]]
+                since = seen[-1]
+                if not out["more"]:
+                    break
+            assert len(seen) == 8 and len(set(seen)) == 8
+            first = api.ok("/raftcoord/v1/messages")
+            assert first["more"] and 1 <= len(first["messages"]) < 8
+        finally:
+            api.close()
+
+
+class _UnknownBackend(MemoryBackend):
+    """A backend whose every proposal ends with an unknown outcome."""
+
+    def propose(self, command: bytes, *, timeout: float) -> dict[str, Any]:
+        """Maybe applied, maybe not (session registrations apply)."""
+        if cbor2.loads(command).get("op") == "session":
+            return super().propose(command, timeout=timeout)
+        raise UnknownOutcomeError("the leader changed while the command was in flight")
+
+
+def test_issue6_d15_unknown_outcome_reaches_http_clients_as_its_code() -> None:
+    """A write with an unknown outcome is 504 with code unknown_outcome (raftcoord_code under /v3/)."""
+    with Coordinator(_UnknownBackend(), host="n1") as c:
+        api = Api(make_app(c))
+        try:
+            status, out = api.post("/raftcoord/v1/messages", {"type": "U"})
+            assert (status, out["code"]) == (504, "unknown_outcome"), out
+            status, out = api.post("/v3/kv/put", {"key": b64("k")}, **{"X-Raftcoord-Request": "c1:1:1"})
+            assert (status, out["code"], out["raftcoord_code"]) == (504, 4, "unknown_outcome"), out
+        finally:
+            api.close()
+
+
+def test_issue6_d15_committed_write_not_503_when_status_fails() -> None:
+    """A committed write is answered 200 even when status is unavailable or broken."""
+    backend = FlakyBackend()
+    with Coordinator(backend, host="n1") as c:
+        api = Api(make_app(c))
+        try:
+            term = put(api, "a", "1")["header"]["raft_term"]
+            for mode in ("unavailable", "bug"):
+                backend.mode = mode
+                out = put(api, "k", mode)
+                assert int(out["header"]["revision"]) >= 2 and out["header"]["raft_term"] == term
+            assert c.get(b"k") == b"bug"
+        finally:
+            api.close()
+
+
+def test_issue6_d7_http_request_id_applies_once() -> None:
+    """POST /raftcoord/v1/session gives a client id; a write retried under the same
+    X-Raftcoord-Request applies once; an unknown session is 409 session_expired."""
+    with Coordinator.memory("n1") as c:
+        api = Api(make_app(c))
+        try:
+            client = api.ok("/raftcoord/v1/session", {})["client"]
+            assert isinstance(client, str) and client
+            header = {"X-Raftcoord-Request": f"{client}:1:1"}
+            first = api.post("/v3/kv/put", {"key": b64("k"), "value": b64("v1")}, **header)
+            again = api.post("/v3/kv/put", {"key": b64("k"), "value": b64("v1")}, **header)
+            assert first[0] == again[0] == 200 and first[1]["header"]["revision"] == again[1]["header"]["revision"]
+            assert c.get_kv(b"k").version == 1  # type: ignore[union-attr]
+            status, out = api.post("/raftcoord/v1/messages", {"type": "U"}, **{"X-Raftcoord-Request": f"{client}:2:1"})
+            assert status == 200, out
+            status, out = api.post("/raftcoord/v1/messages", {"type": "U"}, **{"X-Raftcoord-Request": f"{client}:2:1"})
+            assert status == 200 and len(c.messages()) == 1, out
+            status, out = api.post("/v3/kv/put", {"key": b64("k")}, **{"X-Raftcoord-Request": "nobody:1:1"})
+            assert status == 409 and out["raftcoord_code"] == "session_expired", out
+            assert c.get(b"k") == b"v1"
+        finally:
+            api.close()
+
+
+@pytest.mark.parametrize(
+    "value", ["", "c1", "c1:1", "c1:x:1", "c1:1:2", ":1:1", "c1:-1:0", "c 1:1:1", "c1:1:" + "9" * 25, "c1:1:1:1x"]
+)
+def test_issue6_d7_malformed_request_header_is_400(value: str) -> None:
+    """A malformed X-Raftcoord-Request is a 400 naming the header; nothing is written."""
+    with Coordinator.memory("n1") as c:
+        api = Api(make_app(c))
+        try:
+            for path, body in (("/v3/kv/put", {"key": b64("k")}), ("/raftcoord/v1/messages", {"type": "U"})):
+                status, out = api.post(path, body, **{"X-Raftcoord-Request": value})
+                assert status == 400 and out["field"] == "x-raftcoord-request", (value, out)
+            assert c.get_kv(b"k") is None and not c.messages()
+        finally:
+            api.close()
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" * 400 + ".0"])
+def test_issue6_d15_non_finite_json_number_refused(number: str) -> None:
+    """A JSON number too large for a float (1e400) is a 400, not a payload read back as "inf"."""
+    with Coordinator.memory("n1") as c:
+        api = Api(make_app(c))
+        try:
+            status, out, _ = api.request("POST", "/raftcoord/v1/messages", data='{"type": "U", "payload": %s}' % number,
+                                         **{"Content-Type": "application/json"})
+            assert status == 400 and out["field"] == "body", out
+            assert not c.messages()
+            assert api.post("/raftcoord/v1/messages", {"type": "U", "payload": 1.5e300})[0] == 200
+        finally:
+            api.close()
