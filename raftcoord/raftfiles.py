@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from pysyncobj.journal import FileJournal
+from pysyncobj.journal import FileJournal, MetaStorer
+from pysyncobj.pickle import dumps as pysyncobj_dumps
 
 from raftcoord.errors import ValueFormatError
 from raftcoord.values import decode_cbor, encode_cbor
 
-__all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "fsync_path"]
+__all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "fsync_path",
+           "replace_durably", "rewrite_journal"]
 
 DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
 DUMP_VERSION: Final = 1
@@ -70,11 +72,51 @@ def decode_dump(data: bytes) -> Dump:
 
 
 def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a power cut leaves the old file or the new one.
+
+    Temp file, fsync, rename, fsync of the directory: renamed before its data
+    is on disk, the file could come back empty after a crash.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def rewrite_journal(path: Path, entries: list[Entry]) -> None:
+    """Replace the journal at ``path`` with one holding just ``entries``, durably.
+
+    pysyncobj trims a journal by rewriting it in place (clear, then add the
+    entries kept); a power cut in the middle leaves a torn file. Here the
+    new journal is written beside it, synced, and renamed over it.
+    """
+    fresh_path = path.with_name(path.name + ".new")
+    fresh_path.unlink(missing_ok=True)
+    fresh = FileJournal(str(fresh_path))
+    try:
+        for entry in entries:
+            fresh.add(*entry)
+    finally:
+        fresh._destroy()  # msync and close
+    fsync_path(fresh_path)
+    os.replace(fresh_path, path)
+    fsync_path(path.parent)
 
 
 def align_journal(journal_path: Path, dump: Dump) -> int:
@@ -92,20 +134,44 @@ def align_journal(journal_path: Path, dump: Dump) -> int:
         if len(journal) < 2 or (journal[0] == dump.prev and journal[1] == dump.last):
             return 0
         pos = dump.prev[1] - journal[0][1]
-        if 0 < pos < len(journal) - 1 and journal[pos] == dump.prev and journal[pos + 1] == dump.last:
-            journal.deleteEntriesTo(pos)
-            return pos
-        return 0
+        if not (0 < pos < len(journal) - 1 and journal[pos] == dump.prev and journal[pos + 1] == dump.last):
+            return 0
+        kept = [journal[i] for i in range(pos, len(journal))]
     finally:
         journal._destroy()
+    rewrite_journal(journal_path, kept)
+    return pos
+
+
+class _DurableMetaStorer(MetaStorer):
+    """pysyncobj's term/vote/commit-index file, written with :func:`replace_durably`."""
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802 - pysyncobj's name
+        replace_durably(Path(self.getPath()), pysyncobj_dumps(meta))
 
 
 class FlushedJournal:
-    """pysyncobj's FileJournal, msync'ed after each change (``fsync=True``)."""
+    """pysyncobj's FileJournal, made durable (``fsync=True``).
+
+    Every change of the log is msync'ed before pysyncobj goes on, so a
+    follower acknowledges only flushed entries. The term/vote file (which
+    also holds the commit index, rewritten once a second under load) is
+    replaced durably: temp file, fsync, rename, fsync of the directory,
+    before pysyncobj sends the vote or message that depends on it.
+
+    Trimming the log after a snapshot writes a new journal and renames it
+    over the old one (:func:`rewrite_journal`) instead of pysyncobj's
+    rewrite in place, which a power cut could leave torn.
+    """
 
     def __init__(self, inner: FileJournal, meta_path: Path) -> None:
         self._inner = inner
         self._meta = meta_path
+        self._path = meta_path.with_suffix("")  # pysyncobj names it journal + ".meta"
+        inner._FileJournal__metaStorer = _DurableMetaStorer(str(meta_path))  # type: ignore[attr-defined]
+        inner.flush()
+        fsync_path(self._path)  # a journal just created: its size and its name in the directory
+        fsync_path(self._path.parent)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -129,13 +195,15 @@ class FlushedJournal:
         self._inner.flush()
 
     def deleteEntriesTo(self, entry_to: int) -> None:  # noqa: N802
-        self._inner.deleteEntriesTo(entry_to)
-        self._inner.flush()
+        kept = [self._inner[i] for i in range(entry_to, len(self._inner))]
+        self._inner.onOneSecondTimer()  # a commit index not yet stored, before the journal is reopened
+        rewrite_journal(self._path, kept)  # raises before anything changed, if it does
+        self._inner._destroy()
+        self._inner = FileJournal(str(self._path))
+        self._inner._FileJournal__metaStorer = _DurableMetaStorer(str(self._meta))  # type: ignore[attr-defined]
 
     def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
-        self._inner.setCurrentTerm(term, voted_for)  # written and renamed before a vote is sent
-        fsync_path(self._meta)
-        fsync_path(self._meta.parent)
+        self._inner.setCurrentTerm(term, voted_for)  # stored durably before a vote is sent
 
     def onOneSecondTimer(self) -> None:  # noqa: N802
         self._inner.onOneSecondTimer()
