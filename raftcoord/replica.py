@@ -40,7 +40,19 @@ The loop contract
    barrier commits only in the term of the leader that appended it, so a
    leader cut off from the majority cannot pass one (hazard 2). Readers that
    arrive while a barrier is in flight share the next one: any burst of
-   readers costs at most two rounds.
+   readers costs at most two rounds. :meth:`read` runs a function under the
+   state lock and is for short reads only; anything sized by a client goes
+   through :meth:`read_view`, which answers as of one revision while it
+   takes the lock a chunk at a time (``views.py``), and the Raft thread
+   takes that lock before any waiting reader.
+6. **Status.** :meth:`status` never waits for the Raft thread: the Raft
+   thread refreshes a snapshot of its state as it ticks, and a stalled Raft
+   thread shows as ``healthy: False`` with ``stalled_for`` seconds, never as
+   an error.
+7. **Fail-stop.** A snapshot that fails to load (the engine's ``on_fatal``)
+   stops the replica for good: a CRITICAL line, no more ticks (no peer hears
+   from it, so it never counts toward a commit), role "failed", and
+   ReplicaFailedError from propose and reads.
 
 Guards on the engine (regression tests in ``tests/test_replica.py`` first
 reproduce each hazard with the guard removed):
@@ -88,14 +100,16 @@ a crash in that instant loses this node's entries past the snapshot.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
+import inspect
 import logging
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -108,6 +122,7 @@ from raftcoord.errors import (
     ConfigError,
     InvalidInputError,
     RaftcoordError,
+    ReplicaFailedError,
     TimeoutError,
     UnavailableError,
     UnknownOutcomeError,
@@ -116,6 +131,7 @@ from raftcoord.errors import (
 from raftcoord.engine import Engine, Throttle
 from raftcoord.raftfiles import Dump, FlushedJournal, align_journal, decode_dump, encode_dump, fsync_path
 from raftcoord.values import encode_cbor
+from raftcoord.views import PriorityLock, ReadView, ViewRegistry
 
 if TYPE_CHECKING:
     from raftcoord.store import Applied, Store
@@ -137,6 +153,9 @@ NOT_APPLIED: Final = frozenset(
 _REASON_NAMES: Final = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
 _BACKOFF: Final = (0.01, 0.25)  # first and longest pause between refused attempts
+#: Least seconds between two refreshes of the cached status (a refresh costs
+#: about 40 us; under load the Raft thread ticks thousands of times a second).
+_STATUS_EVERY: Final = 0.01
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,12 +342,19 @@ class Replica:
         self.self_address = self_address
         self._sm = state_machine
         self._store: Store = state_machine()
-        self._state_lock = threading.RLock()
+        self._state_lock = PriorityLock()  # the Raft thread takes it with .first()
         self._listeners: tuple[Callable[[Applied], None], ...] = (on_applied,) if on_applied else ()
         self._on_restored = on_restored
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._failed: str | None = None  # why the replica stopped for good (defect 8)
+        self._close_lock = threading.Lock()  # also guards _proposals, which close() walks
         self._proposals: weakref.WeakSet[_Proposal] = weakref.WeakSet()
+        self._views = ViewRegistry(self._state_lock, lambda: self._store, check=self._check_open)
+        self._status_cache: dict[str, Any] = {"backend": "raft", "self": self_address, "role": "starting"}
+        self._status_at = 0.0  # when the Raft thread last refreshed _status_cache
+        self._last_tick = time.monotonic()  # when the Raft thread last completed a tick
+        self._status_errors = Throttle(60.0)
+        self._engine_destroyed = False
         self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._stop = threading.Event()
         self._leader_seen: tuple[Any, int] | None = None
@@ -360,6 +386,7 @@ class Replica:
         self._barrier_thread = threading.Thread(target=self._run_barriers, name=f"raftcoord-barrier-{self_address}",
                                                 daemon=True)
         self._thread = threading.Thread(target=self._run, name=f"raftcoord-raft-{self_address}", daemon=True)
+        self._refresh_status()  # the Raft thread is not running yet: safe here
         self._thread.start()
         self._barrier_thread.start()
 
@@ -402,8 +429,11 @@ class Replica:
             maxBindRetries=1,
             onStateChanged=self._on_state_changed,
         )
+        extra: dict[str, Any] = {}
+        if "on_fatal" in inspect.signature(Engine.__init__).parameters:
+            extra["on_fatal"] = self._fail
         try:
-            engine = Engine(self.self_address, partners, conf, self._apply)
+            engine = Engine(self.self_address, partners, conf, self._apply, **extra)
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises plain Exception subclasses
             raise UnavailableError(f"cannot start the raft engine on {self.self_address}: {exc}",
                                    field="raft") from None
@@ -418,6 +448,15 @@ class Replica:
         engine, period = self._engine, self.settings.tick_period
         try:
             while not self._stop.is_set():
+                if self._failed is not None:
+                    # Fail-stop: no ticks, so no peer hears from this node
+                    # again; status() and tasks are still answered.
+                    self._destroy_engine()
+                    self._last_tick = time.monotonic()
+                    self._refresh_status(force=True)
+                    self._run_tasks()
+                    self._stop.wait(period)
+                    continue
                 try:
                     engine.doTick(period)
                 except Exception:  # noqa: BLE001 - pysyncobj's own tick loop also logs and goes on
@@ -430,11 +469,10 @@ class Replica:
                         fsync_path(self.data_dir)  # the snapshot's rename
                 self._run_tasks()
                 self._watch_leader()
+                self._last_tick = time.monotonic()
+                self._refresh_status()
         finally:
-            try:
-                engine.destroy()  # autoTick=False: closes sockets and the journal now
-            except Exception:  # noqa: BLE001
-                log.exception("destroying the raft engine failed")
+            self._destroy_engine()
             self._run_tasks()
             with self._wake_lock:
                 os.close(self._wake_r)
@@ -442,11 +480,85 @@ class Replica:
                 self._wake_w = -1
             self._lock_file.close()
 
+    def _destroy_engine(self) -> None:
+        if self._engine_destroyed:
+            return
+        self._engine_destroyed = True
+        try:
+            self._engine.destroy()  # autoTick=False: closes sockets and the journal now
+        except Exception:  # noqa: BLE001
+            log.exception("destroying the raft engine failed")
+
+    def _refresh_status(self, *, force: bool = False) -> None:
+        """Raft thread: the status snapshot that status() hands out without waiting (C5)."""
+        now = time.monotonic()
+        if not force and now - self._status_at < _STATUS_EVERY:
+            return
+        self._status_at = now
+        if self._failed is not None:
+            self._status_cache = {**self._status_cache, "role": "failed", "has_quorum": False,
+                                  "error": self._failed}
+            return
+        try:
+            engine = self._engine
+            st = engine.getStatus()
+            leader = st["leader"]
+            self._status_cache = {
+                "backend": "raft",
+                "self": self.self_address,
+                "role": "learner" if self.self_address is None else _ROLES.get(st["state"], "unknown"),
+                "leader": getattr(leader, "address", None) if leader is not None else None,
+                "term": st["raft_term"],
+                "commit_index": st["commit_idx"],
+                "last_applied": st["last_applied"],
+                "last_log_index": engine.rc_last_entry()[0],
+                "log_entries": st["log_len"],
+                "has_quorum": st["has_quorum"],
+                "partners": {n.address: engine.isNodeConnected(n) for n in engine.otherNodes},
+                "learners_connected": st["readonly_nodes_count"],
+            }
+        except Exception:  # noqa: BLE001 - a status must never take the Raft thread down
+            if self._status_errors():
+                log.exception("collecting the raft status failed (%d more not logged)", self._status_errors.take())
+
+    def _fail(self, reason: str) -> None:
+        """Stop this replica for good (fail-stop, defect 8); the engine's ``on_fatal``.
+
+        Nothing is applied any more, the Raft thread stops answering peers
+        (so this node never counts toward a commit), status reports role
+        "failed", and propose/read raise ReplicaFailedError.
+        """
+        with self._close_lock:
+            if self._failed is not None:
+                return
+            self._failed = reason or "fatal error"
+            pending = list(self._proposals)
+        log.critical("replica %s stopped: %s. It answers no peer and serves no request until restarted; "
+                     "if it fails again, restore its data directory from a healthy node",
+                     self.self_address or "(non-voting)", self._failed)
+        for p in pending:
+            p.close()
+
     def _apply(self, command: bytes) -> dict[str, Any]:
         """The replicated method's body; runs on the Raft thread; never raises."""
+        if self._failed is not None:
+            # The store may be behind the log (a snapshot failed to load):
+            # applying on top of it would diverge.
+            return {"ok": False, "revision": 0,
+                    "error": {"code": ReplicaFailedError.code, "message": "the replica has failed"}}
         try:
-            with self._state_lock:
-                applied = self._store.apply(command)
+            with self._state_lock.first():
+                try:
+                    applied = self._store.apply(command)
+                except BaseException:
+                    self._views.invalidate("the store failed to apply a command")
+                    raise
+                if self._views.active:
+                    try:
+                        self._views.record(applied.events)
+                    except Exception:  # noqa: BLE001 - a read view must never wedge the apply path
+                        log.exception("recording pre-images for read views failed")
+                        self._views.invalidate("internal error")
                 for listener in self._listeners:
                     try:
                         listener(applied)
@@ -485,27 +597,38 @@ class Replica:
     def _read_dump(self, path: str) -> tuple[Any, ...]:
         """pysyncobj ``deserializer`` hook (Raft thread): load a snapshot file.
 
-        Raises on a bad file, so that pysyncobj keeps its log as it is.
+        Everything that can fail (reading, decoding, restoring the store,
+        syncing) happens before the new store replaces the old one, so a
+        failure never leaves a half-loaded store in place. A failure stops
+        the replica (fail-stop, defect 8: pysyncobj would log it and still
+        acknowledge the snapshot) and raises, so that pysyncobj keeps its log
+        as it is.
         """
-        dump = decode_dump(Path(path).read_bytes())
-        early, self._startup_dump = self._startup_dump, None
-        stat = os.stat(path)
-        if early is not None and early[0] == (stat.st_mtime_ns, stat.st_size):
-            store = early[1]  # read and checked before the engine started
-        else:
-            store = self._sm.restore(dump.state)
-        if self.settings.fsync:
-            fsync_path(Path(path))
-            fsync_path(Path(path).parent)
-        with self._state_lock:
+        try:
+            dump = decode_dump(Path(path).read_bytes())
+            early, self._startup_dump = self._startup_dump, None
+            stat = os.stat(path)
+            if early is not None and early[0] == (stat.st_mtime_ns, stat.st_size):
+                store = early[1]  # read and checked before the engine started
+            else:
+                store = self._sm.restore(dump.state)
+            if self.settings.fsync:
+                fsync_path(Path(path))
+                fsync_path(Path(path).parent)
+            loaded = (dump.last, dump.prev, list(dump.cluster))
+        except Exception as exc:
+            self._fail(f"cannot load the snapshot {path}: {exc!r}")
+            raise
+        with self._state_lock.first():
             self._store = store
+            self._views.invalidate("the replica loaded a snapshot from the leader")
             if self._on_restored is not None:
                 try:
                     self._on_restored()
                 except Exception:  # noqa: BLE001
                     log.exception("on_restored callback failed")
         log.info("loaded the snapshot at log index %d (revision %d)", dump.last[1], store.revision)
-        return dump.last, dump.prev, list(dump.cluster)
+        return loaded
 
     def _on_state_changed(self, old: int, new: int) -> None:
         log.info("raft role %s -> %s", _ROLES.get(old), _ROLES.get(new))
@@ -581,9 +704,10 @@ class Replica:
             raise RuntimeError("propose() on the raft thread (e.g. in a listener) would wait for itself")
         deadline = time.monotonic() + timeout
         p = _Proposal()
-        self._proposals.add(p)
-        if self._closed:
-            p.close()
+        with self._close_lock:  # close() and _fail() walk the set (defect 15)
+            self._proposals.add(p)
+            if self._closed or self._failed is not None:
+                p.close()
         refusal: int | None = None
         backoff = _BACKOFF[0]
         attempts = 0
@@ -632,6 +756,7 @@ class Replica:
             raise UnknownOutcomeError(f"the command may or may not have been applied "
                                       f"({attempts} attempts in {timeout:g} s)")
         if p.closed:
+            self._check_open()
             raise UnavailableError("the replica is closed")
         if refusal in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
             raise UnavailableError(f"no raft leader within {timeout:g} s; the command was not applied")
@@ -681,10 +806,13 @@ class Replica:
     def read(self, fn: Callable[[Store], T], *, consistency: str = "linearizable", timeout: float = 10.0) -> T:
         """Run ``fn(store)`` on this replica's store and return what it returns.
 
-        ``"linearizable"`` passes a read barrier first; ``"serializable"``
-        reads the local replica as it is (possibly behind). ``fn`` runs while
-        no command is applied, so it sees one revision, and a listener added
-        inside it misses nothing. Keep it short: applying waits for it.
+        For short reads only (a key, a revision, registering a listener):
+        ``fn`` runs under the state lock, so the Raft thread can neither apply
+        nor send heartbeats until it returns; anything sized by a client (a
+        range) goes through :meth:`read_view`. ``"linearizable"`` passes a
+        read barrier first; ``"serializable"`` reads the local replica as it
+        is (possibly behind). ``fn`` runs while no command is applied, so it
+        sees one revision, and a listener added inside it misses nothing.
         """
         if consistency == "linearizable":
             self.read_barrier(timeout)
@@ -693,6 +821,31 @@ class Replica:
         with self._state_lock:
             self._check_open()
             return fn(self._store)
+
+    @contextlib.contextmanager
+    def read_view(self, *, consistency: str = "linearizable", timeout: float = 10.0) -> Iterator[ReadView]:
+        """A reader (``revision``, ``get``, ``range``, ``count``, ``scan``) fixed at one revision.
+
+        The view answers as of the revision it was opened at, however long
+        the caller takes and whatever is applied meanwhile, while it takes the
+        state lock only for one chunk of about a thousand keys at a time, so the
+        Raft thread goes on applying and sending heartbeats (defect 3; see
+        ``raftcoord/views.py``). ``consistency`` is as for :meth:`read`. Open
+        views are bounded (64; more wait up to ``timeout``, then get
+        UnavailableError), and so are the changes one view can outlast: past
+        them, or when a snapshot replaces the store, its next read raises a
+        retryable UnavailableError.
+        """
+        deadline = time.monotonic() + timeout
+        if consistency == "linearizable":
+            self.read_barrier(timeout)
+        elif consistency != "serializable":
+            raise InvalidInputError("consistency must be 'linearizable' or 'serializable'", field="consistency")
+        view = self._views.open(max(0.0, deadline - time.monotonic()))
+        try:
+            yield view
+        finally:
+            view.close()
 
     def add_listener(self, listener: Callable[[Applied], None]) -> None:
         """Call ``listener(applied)`` for each command applied here, in log order.
@@ -708,32 +861,29 @@ class Replica:
     # ------------------------------------------------------------ lifecycle
 
     def status(self) -> dict[str, Any]:
-        """This replica's view of the cluster (pysyncobj's getStatus, trimmed)."""
+        """This replica's view of the cluster (pysyncobj's getStatus, trimmed).
+
+        Never waits for the Raft thread (C5): the Raft thread refreshes a
+        snapshot of its state as it ticks, and this returns that snapshot with
+        the store's revision, ``stalled_for`` (seconds since the Raft thread
+        last completed a tick) and ``healthy`` (false when the replica failed
+        or its Raft thread has been stuck longer than an election timeout,
+        after which peers no longer count on it). Role "failed" means the
+        replica stopped for good (fail-stop, with the reason in "error");
+        "stopped" that it was closed.
+        """
+        stalled = max(0.0, time.monotonic() - self._last_tick)
         if self._closed:
-            return {"backend": "raft", "self": self.self_address, "role": "stopped"}
-
-        def collect() -> dict[str, Any]:
-            st = self._engine.getStatus()
-            leader = st["leader"]
-            with self._state_lock:
-                revision = self._store.revision
-            return {
-                "backend": "raft",
-                "self": self.self_address,
-                "role": "learner" if self.self_address is None else _ROLES.get(st["state"], "unknown"),
-                "leader": getattr(leader, "address", None) if leader is not None else None,
-                "term": st["raft_term"],
-                "commit_index": st["commit_idx"],
-                "last_applied": st["last_applied"],
-                "last_log_index": self._engine.rc_last_entry()[0],
-                "log_entries": st["log_len"],
-                "has_quorum": st["has_quorum"],
-                "partners": {n.address: self._engine.isNodeConnected(n) for n in self._engine.otherNodes},
-                "learners_connected": st["readonly_nodes_count"],
-                "revision": revision,
-            }
-
-        return self._on_raft_thread(collect)
+            return {"backend": "raft", "self": self.self_address, "role": "stopped",
+                    "healthy": False, "stalled_for": 0.0}
+        out = dict(self._status_cache)
+        out["revision"] = self._store.revision  # one attribute read; never the state lock
+        out["stalled_for"] = round(stalled, 3)
+        out["healthy"] = self._failed is None and stalled < self.settings.election_timeout_max
+        if self._failed is not None:
+            out["role"] = "failed"
+            out["error"] = self._failed
+        return out
 
     def close(self) -> None:
         """Stop the Raft thread, close the engine and free the port. Idempotent."""
@@ -741,7 +891,8 @@ class Replica:
             if self._closed:
                 return
             self._closed = True
-        for p in list(self._proposals):
+            pending = list(self._proposals)  # under the lock: propose() adds from other threads
+        for p in pending:
             p.close()
         with self._barrier_cond:
             self._barrier_cond.notify_all()
@@ -761,6 +912,8 @@ class Replica:
     def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError("the replica is closed")
+        if self._failed is not None:
+            raise ReplicaFailedError(f"the replica has failed and serves nothing until restarted: {self._failed}")
 
 
 def open_replica_backend(config: Any, node: str, **kwargs: Any) -> Replica:

@@ -9,12 +9,15 @@ disk run replicas in their own processes (``replica_support/node.py``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pickle
 import socket
 import struct
 import threading
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from raftcoord.errors import (
     ConfigError,
     InvalidInputError,
     RaftcoordError,
+    ReplicaFailedError,
     TimeoutError,
     UnavailableError,
     UnknownOutcomeError,
@@ -41,7 +45,7 @@ from raftcoord.errors import (
 )
 from raftcoord.replica import BARRIER, Replica, ReplicaSettings
 from raftcoord.store import Store
-from raftcoord.values import decode_cbor
+from raftcoord.values import decode_cbor, encode_cbor
 
 FAST = ReplicaSettings(heartbeat_period=0.05, election_timeout_min=0.3, election_timeout_max=0.6,
                        connection_retry=0.1, connection_timeout=1.0, retry_interval=1.0)
@@ -98,6 +102,14 @@ def cluster(tmp_path: Path) -> Any:
 
 def subclass_store(**methods: Any) -> type[Store]:
     return type("TestStore", (Store,), methods)
+
+
+SESSION = encode_cbor({"op": "session"})
+
+
+def session(r: Replica) -> str:
+    """A client session registered through the log: the id that ``req`` must carry."""
+    return r.propose(SESSION, 5)["client"]
 
 
 # ----------------------------------------------------------------- basics
@@ -212,8 +224,9 @@ def test_a_lost_answer_is_retried_with_the_same_bytes_and_applies_once(cluster: 
     (r,) = cluster.start(1, on_applied=lambda ap: seen.extend(put_keys(ap)),
                          settings=ReplicaSettings(retry_interval=0.3))
     r.propose(put(b"warm", b"up"), 5)
+    client = session(r)
     spy = Interceptor(r, ["lose"])
-    result = r.propose(put(b"k", b"v", req=("client", 1)), 5)
+    result = r.propose(put(b"k", b"v", req=(client, 1)), 5)
     assert len(spy.sent) == 2 and spy.sent[0] == spy.sent[1]
     assert result == {"ok": True, "revision": 3}
     assert seen.count(b"k") == 1 and r.read(lambda s: s.revision, consistency="serializable") == 3
@@ -233,8 +246,9 @@ def test_leader_changed_and_unknown_outcome_are_ambiguous(cluster: Cluster, reas
     """LEADER_CHANGED and UNKNOWN_OUTCOME are retried, or raised as UnknownOutcomeError."""
     (r,) = cluster.start(1)
     r.propose(put(b"warm", b"up"), 5)
+    client = session(r)
     spy = Interceptor(r, [reason])
-    assert r.propose(put(b"a", b"1", req=("c", 1)), 5)["ok"]
+    assert r.propose(put(b"a", b"1", req=(client, 1)), 5)["ok"]
     assert len(spy.sent) == 2
     Interceptor(r, [reason])
     with pytest.raises(UnknownOutcomeError):
@@ -737,12 +751,25 @@ class Writers:
 
     def _run(self, t: int) -> None:
         i = 0
+        client = None
+        while client is None and not self._stop.is_set():
+            node = self.nodes[(t + i) % len(self.nodes)]
+            i += 1
+            try:
+                ans = node.propose(SESSION, 2.0)
+            except (RuntimeError, OSError):
+                ans = {"ok": False}
+            if ans["ok"] and ans["result"]["ok"]:
+                client = ans["result"]["client"]
+            else:
+                self._stop.wait(0.05)
+        i = 0
         while not self._stop.is_set():
             node = self.nodes[(t + i) % len(self.nodes)]
             key = b"w%d/%d" % (t, i)
             i += 1
             try:
-                ans = node.propose(put(key, b"v", req=(f"writer{t}", i)), 2.0)
+                ans = node.propose(put(key, b"v", req=(client, i)), 2.0)
             except (RuntimeError, OSError):  # the node is down
                 ans = {"ok": False}
             with self._lock:
@@ -808,3 +835,320 @@ def test_kill9_of_every_node_then_restart_loses_no_acknowledged_write(procs: Any
         n.start()
     missing = acked - _keys_everywhere(nodes)
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {sorted(missing)[:5]}"
+
+
+# ------------------------------------------- issue 6: no read or stall takes a node down
+
+
+def _filled_store(n: int) -> type[Store]:
+    """A store class that starts with ``n`` keys (a single node: no one else needs them)."""
+
+    def __init__(self: Store) -> None:  # noqa: N807
+        Store.__init__(self)
+        for i in range(n):
+            self.apply_map({"op": "put", "key": b"k%06d" % i, "value": b"value %06d" % i})
+
+    return subclass_store(__init__=__init__)
+
+
+class _TimedLock:
+    """The replica's state lock, timing how long ``thread`` waits for it: (started, waited) pairs."""
+
+    def __init__(self, inner: Any, thread: threading.Thread) -> None:
+        self.inner, self.thread = inner, thread
+        self.waits: list[tuple[float, float]] = []
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        started = time.perf_counter()
+        got = self.inner.acquire(*args, **kwargs)
+        if threading.current_thread() is self.thread:
+            self.waits.append((started, time.perf_counter() - started))
+        return got
+
+    def release(self) -> None:
+        self.inner.release()
+
+    @contextlib.contextmanager
+    def first(self) -> Any:  # how the apply path takes it
+        started = time.perf_counter()
+        with self.inner.first():
+            if threading.current_thread() is self.thread:
+                self.waits.append((started, time.perf_counter() - started))
+            yield
+
+    def __enter__(self) -> _TimedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_WRITE_IDS = itertools.count()
+
+
+def _longest_apply_wait(r: Replica, full_range: Any) -> tuple[float, int, Any]:
+    """Run ``full_range()`` while a writer keeps the apply path busy.
+
+    Returns the Raft thread's longest wait for the state lock among the
+    waits that began during the read, how many began then, and the answer.
+    """
+    inner = getattr(r._state_lock, "inner", r._state_lock)
+    timed = _TimedLock(inner, r._thread)
+    r._state_lock = timed  # type: ignore[assignment] # the apply path and read() take it by this name
+    stop = threading.Event()
+    writes = [0]
+
+    def writer() -> None:
+        while not stop.is_set():
+            r.propose(put(b"w%06d" % next(_WRITE_IDS), b"new"), 5)
+            writes[0] += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_for(lambda: writes[0] >= 5, 5, "writes going")
+        began = time.perf_counter()
+        answer = full_range()
+        ended = time.perf_counter()
+    finally:
+        stop.set()
+        t.join()
+    during = [w for s, w in timed.waits if began <= s <= ended]
+    assert during, "no apply during the read: nothing measured"
+    return max(during), len(during), answer
+
+
+@pytest.fixture
+def big_replica(cluster: Cluster) -> Replica:
+    # A short tick: a single node commits on its next tick, and the test wants many applies.
+    settings = ReplicaSettings(heartbeat_period=0.05, election_timeout_min=0.3, election_timeout_max=0.6,
+                               tick_period=0.005)
+    (r,) = cluster.start(1, state_machine=_filled_store(100_000), settings=settings)
+    wait_for(lambda: r.status()["role"] == "leader", 5, "leadership")
+    return r
+
+
+def test_issue6_d3_long_reads_through_read_view_never_hold_the_raft_thread(big_replica: Replica) -> None:
+    """A full range of 100,000 keys through read_view: the apply path never waits 50 ms for the lock."""
+    r = big_replica
+
+    def full_range() -> list[dict[str, Any]]:
+        with r.read_view(consistency="serializable", timeout=10) as view:
+            res = view.range(b"\x00", b"\x00")
+            assert res.count == len(res.kvs) == view.count(b"\x00", b"\x00") > 100_000
+            assert max(kv.mod_revision for kv in res.kvs) == view.revision  # later writes hidden
+            assert r.read(lambda s: s.revision, consistency="serializable") > view.revision  # ...though applied
+            return [kv.to_map() for kv in res.kvs]
+
+    # Best of three: on a loaded machine the OS may deschedule any thread for
+    # a while; the old path holds the lock past 50 ms every time.
+    trials = []
+    for _ in range(3):
+        longest, applies, answer = _longest_apply_wait(r, full_range)
+        assert answer[99_999]["key"] == b"k099999"
+        assert applies >= 5  # it went on applying throughout the read
+        trials.append(longest)
+        if longest < 0.05:
+            break
+    assert min(trials) < 0.05, f"the Raft thread waited {[round(t * 1000) for t in trials]} ms for the state lock"
+
+
+def test_issue6_d3_reproduced_long_reads_through_read_hold_the_raft_thread(big_replica: Replica) -> None:
+    """Reproduced: the same read through read(fn) holds the lock while it builds its answer."""
+    r = big_replica
+    longest, _, answer = _longest_apply_wait(
+        r, lambda: r.read(lambda s: [kv.to_map() for kv in s.range(b"\x00", b"\x00").kvs], consistency="serializable"))
+    assert len(answer) > 100_000
+    assert longest >= 0.05, f"read(fn) held the Raft thread only {longest * 1000:.0f} ms"
+
+
+def test_issue6_d3_read_view_is_linearizable_and_fixed_at_one_revision(cluster: Cluster) -> None:
+    """A linearizable view sees writes acknowledged elsewhere, and nothing applied after it opened."""
+    rs = cluster.start(3)
+    leader = leader_of(rs)
+    follower = next(r for r in rs if r is not leader)
+    leader.propose(put(b"a", b"1"), 5)
+    with follower.read_view(consistency="linearizable", timeout=5) as view:
+        assert view.get(b"a").value == b"1"  # type: ignore[union-attr]
+        rev = view.revision
+        leader.propose(put(b"a", b"2"), 5)
+        leader.propose(put(b"b", b"2"), 5)
+        wait_for(lambda: value(follower, b"b") == b"2", 5, "the writes applied on the follower")
+        assert view.revision == rev and view.get(b"a").value == b"1"  # type: ignore[union-attr]
+        assert [kv.key for kv in view.range(b"\x00", b"\x00").kvs] == [b"a"]
+    with pytest.raises(InvalidInputError):
+        with follower.read_view(consistency="eventual", timeout=1):
+            pass
+
+
+def test_issue6_d1_status_answers_at_once_while_the_raft_thread_is_busy(cluster: Cluster) -> None:
+    """A listener stuck 6 s on apply: status() still answers within 100 ms, and reports the stall."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(applied: Any) -> None:
+        if b"slow" in put_keys(applied):
+            entered.set()
+            release.wait(6)
+
+    (r,) = cluster.start(1, on_applied=slow)
+    wait_for(lambda: r.status()["role"] == "leader", 5, "leadership")
+    writer = threading.Thread(target=r.propose, args=(put(b"slow", b"!"), 10))
+    writer.start()
+    try:
+        assert entered.wait(5)
+        worst = 0.0
+
+        def unhealthy() -> bool:
+            nonlocal worst
+            started = time.monotonic()
+            st = r.status()
+            worst = max(worst, time.monotonic() - started)
+            return not st["healthy"] and st["stalled_for"] >= r.settings.election_timeout_max
+
+        wait_for(unhealthy, 3, "status to report the stalled Raft thread")
+        assert worst < 0.1, f"status() took {worst * 1000:.0f} ms"
+        assert r.status()["role"] == "leader"  # the last state it knew
+    finally:
+        release.set()
+        writer.join()
+    wait_for(lambda: r.status()["healthy"], 5, "healthy again once the Raft thread runs")
+    assert r.status()["stalled_for"] < 0.5
+
+
+def test_issue6_d15_status_for_a_response_header_never_raises_on_a_stuck_raft_thread(cluster: Cluster) -> None:
+    """A committed write's response header reads status(): a stuck Raft thread must not turn it into an error."""
+    (r,) = cluster.start(1)
+    wait_for(lambda: r.status()["role"] == "leader", 5, "leadership")
+    revision = r.propose(put(b"k", b"v"), 5)["revision"]
+    gate = threading.Event()
+    stall = threading.Thread(target=r._on_raft_thread, args=(lambda: gate.wait(7), 10))
+    stall.start()
+    try:
+        time.sleep(0.1)  # let the Raft thread pick the task up
+        started = time.monotonic()
+        st = r.status()  # what the endpoint does for a header
+        assert time.monotonic() - started < 0.1
+        assert st["revision"] == revision and st["term"] >= 1
+    finally:
+        gate.set()
+        stall.join()
+
+
+class _SlowIterWeakSet(weakref.WeakSet):  # type: ignore[type-arg]
+    """A WeakSet whose iteration lets other threads run between items, as a thread switch would."""
+
+    def __iter__(self) -> Any:
+        for item in super().__iter__():
+            time.sleep(0.005)
+            yield item
+
+
+def test_issue6_d15_close_while_other_threads_propose(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() while threads keep proposing: it neither raises nor leaves a proposer waiting."""
+    addrs = cluster.addresses(2)
+    r = cluster.replica(addrs[0], addrs)  # its partner never starts: no leader, proposals keep retrying
+    # Widen the windows a thread switch opens: between a proposer's check that the
+    # replica is open and its registration, and between the items close() walks.
+    r._proposals = _SlowIterWeakSet()
+    real_init = replica_mod._Proposal.__init__
+    monkeypatch.setattr(replica_mod._Proposal, "__init__", lambda self: (real_init(self), time.sleep(0.01))[0])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                r.propose(put(b"k", b"v"), 0.02)
+            except UnavailableError:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(r._proposals) >= 8, 5, "proposals in flight")
+        r.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    assert not any(t.is_alive() for t in threads) and not errors
+    with pytest.raises(UnavailableError):
+        r.propose(put(b"k", b"v"), 1)
+
+
+def test_issue6_d8_a_snapshot_that_fails_to_load_stops_the_replica(
+        cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower whose store cannot restore the leader's snapshot fails (CRITICAL, role "failed") and
+    never counts toward a commit."""
+
+    def restore(cls: type[Store], data: bytes) -> Store:
+        raise ValueFormatError("this store cannot load snapshots", field="state")
+
+    broken = subclass_store(restore=classmethod(restore))
+    settings = ReplicaSettings(heartbeat_period=0.05, election_timeout_min=0.3, election_timeout_max=0.6,
+                               connection_retry=0.1, connection_timeout=1.0, retry_interval=1.0,
+                               compaction_entries=20)
+    addrs = cluster.addresses(3)
+    a, b = (cluster.replica(x, addrs, settings=settings, data_dir=tmp_path / f"n{i}") for i, x in enumerate(addrs[:2]))
+    c = cluster.replica(addrs[2], addrs, settings=settings, data_dir=tmp_path / "n2", state_machine=broken)
+    leader = leader_of([a, b, c])
+    if leader is c:  # the broken node must be the one that falls behind
+        c.close()
+        leader = leader_of([a, b])
+    leader.propose(put(b"early", b"1"), 5)
+    c.close()
+    for i in range(60):
+        leader.propose(put(b"k%02d" % i, b"v"), 5)
+    wait_for(lambda: leader.status()["log_entries"] < 40, 5, "the leader to compact its log")
+    with caplog.at_level("CRITICAL"):
+        c = cluster.replica(addrs[2], addrs, settings=settings, data_dir=tmp_path / "n2", state_machine=broken)
+        wait_for(lambda: c.status()["role"] == "failed", 10, "the broken follower to fail")
+    assert any(rec.levelname == "CRITICAL" and "snapshot" in rec.getMessage() for rec in caplog.records)
+    st = c.status()
+    assert st["healthy"] is False and "snapshot" in st["error"]
+    with pytest.raises(ReplicaFailedError):
+        c.propose(put(b"x", b"1"), 1)
+    with pytest.raises(ReplicaFailedError):
+        c.read(lambda s: s.revision, consistency="serializable")
+    with pytest.raises(ReplicaFailedError):
+        with c.read_view(consistency="serializable", timeout=1):
+            pass
+    # With the other follower gone, the leader has only the failed node: nothing may commit.
+    other = b if leader is a else a
+    other.close()
+    with pytest.raises(UnavailableError):
+        leader.propose(put(b"after", b"1"), 2, retry_ambiguous=False)
+    assert value(leader, b"after") is None
+    assert c.status()["role"] == "failed"
+
+
+def test_issue6_d8_a_snapshot_damaged_in_transfer_is_neither_installed_nor_fatal(tmp_path: Path) -> None:
+    """A snapshot that lost a chunk in transfer (a reconnect) keeps the old file and is not acknowledged.
+
+    pysyncobj streams snapshot chunks unacknowledged; with fail-stop on load
+    errors (d8), installing such a file would take a node down for a blip.
+    """
+    from pysyncobj.serializer import Serializer
+
+    target = tmp_path / "raft.snapshot"
+    target.write_bytes(b"the old snapshot")
+    blob = raftfiles.encode_dump(raftfiles.Dump((b"", 5, 1), (b"", 4, 1), ("127.0.0.1:1",), os.urandom(5000)))
+    chunks = [blob[i:i + 1000] for i in range(0, len(blob), 1000)]
+    s = Serializer(str(target), 1000, False, None, None, None)
+    s.__class__ = engine_mod._SyncedSerializer
+
+    def send(parts: list[bytes]) -> bool:
+        done = [s.setTransmissionData((c, i == 0, False)) for i, c in enumerate(parts)]
+        assert not any(done)
+        return s.setTransmissionData((b"", False, True))
+
+    assert send([chunks[0], *chunks[2:]]) is False  # the second chunk was lost
+    assert target.read_bytes() == b"the old snapshot"
+    assert send(chunks + [chunks[-1]]) is False  # one chunk twice
+    assert send(chunks) is True
+    assert target.read_bytes() == blob
