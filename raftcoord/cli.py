@@ -1,61 +1,151 @@
 """The ``raftcoord`` command line.
 
 Every command is a thin client: what it does, a library user could do with
-the public API or the client endpoint. Errors are one line on stderr and the
-exit code the error class carries; never a traceback.
+the public API or the client endpoint. Whatever the input, the arguments,
+the options, the files or what an endpoint answers, an error is ONE line on
+stderr ("Error: ...") and a non-zero exit code, never a traceback:
+
+* 1: the request failed (unreachable, refused, not found, ...);
+* 2: bad input or usage (the error class's code, as click does);
+* 3: a write's outcome is unknown: it may or may not have been applied.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Final
 
 import click
 
 from raftcoord import __version__
-from raftcoord.errors import InvalidInputError, RaftcoordError
+from raftcoord.errors import ConfigError, InvalidInputError, RaftcoordError, UnknownOutcomeError
 
 __all__ = ["main"]
 
+log = logging.getLogger(__name__)
+
+#: Longest error line printed; a hostile endpoint's message is cut here.
+_MAX_ERROR: Final = 400
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one printable line of bounded length (it may come from a remote node)."""
+    flat = " ".join(_safe(part) for part in str(text).split())
+    return flat if len(flat) <= _MAX_ERROR else flat[: _MAX_ERROR - 3] + "..."
+
+
+def _safe(value: Any) -> str:
+    """``value`` as printable text: control characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
+def _fail(message: str, exit_code: int) -> click.ClickException:
+    err = click.ClickException(_one_line(message))
+    err.exit_code = exit_code
+    return err
+
+
+def _usage_line(exc: click.UsageError) -> click.ClickException:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # click 8.2: the help text itself, keep it
+        return exc
+    hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+    return _fail(exc.format_message() + hint, exc.exit_code)
+
 
 class _Group(click.Group):
-    """A group that turns raftcoord errors into click's one-line errors."""
+    """A group that turns every error into click's one-line "Error: ..." and an exit code."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _usage_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except UnknownOutcomeError as exc:
+            message = exc.message if "may have been applied" in exc.message else (
+                f"{exc.message} (the write may have been applied)")
+            raise _fail(message, exc.exit_code) from None
         except RaftcoordError as exc:
-            err = click.ClickException(exc.message)
-            err.exit_code = exc.exit_code
-            raise err from None
+            raise _fail(exc.message, exc.exit_code) from None
+        except click.UsageError as exc:
+            raise _usage_line(exc) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except RecursionError:
+            raise _fail("input nested too deeply", 2) from None
+        except Exception as exc:  # the promise is one line, whatever broke
+            if logging.getLogger().handlers:  # `node` configured logging: keep the traceback there
+                log.exception("unexpected error")
+            raise _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in raftcoord)", 1) from None
+
+
+class _Seconds(click.ParamType):
+    """A timeout: a finite number of seconds, more than 0, at most an hour."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from raftcoord.client import MAX_TIMEOUT
+
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{_safe(value)!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT:
+            self.fail(f"{_safe(value)} is not more than 0 and at most {MAX_TIMEOUT:g} seconds", param, ctx)
+        return seconds
+
+
+def _utf8(text: str, name: str) -> bytes:
+    """An argument as UTF-8 bytes; a non-UTF-8 argument (surrogate-escaped by Python) is refused."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{name} is not valid UTF-8 text: {_safe(text)}", field=name.lower()) from None
 
 
 class _Target:
     """Where the client commands go: endpoints, or every node of a config file."""
 
-    def __init__(self, endpoints: str | None, config: str | None, token: str | None, timeout: float) -> None:
+    def __init__(self, endpoints: str | None, config: str | None, token: str | None, timeout: float,
+                 dial_timeout: float) -> None:
         self.config_path = config
         self.timeout = timeout
+        self.dial_timeout = dial_timeout
         self.members: list[dict[str, str]] = []
         self.token = token
         if config:
             from raftcoord.config import load_config
 
-            cfg = load_config(config)
+            try:
+                cfg = load_config(config)
+            except RecursionError:
+                raise ConfigError(f"{_safe(config)}: nested too deeply to be a cluster file", field="file") from None
             self.members = [{"name": n.name, "client": n.client_url, "raft": n.raft} for n in cfg.nodes]
             self.token = token or cfg.token
-        if endpoints:
-            self.members = [{"name": e.strip(), "client": e.strip(), "raft": ""} for e in endpoints.split(",") if e.strip()]
+        if endpoints is not None:
+            given = [e.strip() for e in endpoints.split(",") if e.strip()]
+            self.members = [{"name": e, "client": e, "raft": ""} for e in given]
+            if not self.members:
+                raise InvalidInputError("--endpoints: no endpoint given", field="endpoints")
         if not self.members:
             self.members = [{"name": "localhost:2379", "client": "127.0.0.1:2379", "raft": ""}]
 
-    def client(self) -> Any:
+    def client(self, endpoints: list[str] | None = None) -> Any:
+        """A client of the members (or of ``endpoints``, in that order)."""
         from raftcoord.client import Client
 
-        return Client([m["client"] for m in self.members], token=self.token, timeout=self.timeout)
+        return Client(endpoints or [m["client"] for m in self.members], token=self.token, timeout=self.timeout,
+                      dial_timeout=self.dial_timeout)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "RAFTCOORD"})
@@ -64,21 +154,29 @@ class _Target:
 @click.option("--config", "config", metavar="FILE", type=click.Path(dir_okay=False),
               help="A cluster file; its nodes' client addresses are the endpoints.")
 @click.option("--token", metavar="TOKEN", help="Bearer token for the client endpoint (default: the config's).")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each request.")
+@click.option("--timeout", type=_Seconds(), default=10.0, show_default=True,
+              help="Seconds to wait for each command's request, retries on other endpoints included.")
+@click.option("--dial-timeout", type=_Seconds(), default=2.0, show_default=True,
+              help="Seconds to wait for a node to accept and start answering before trying the next one.")
 @click.pass_context
-def main(ctx: click.Context, endpoints: str | None, config: str | None, token: str | None, timeout: float) -> None:
+def main(ctx: click.Context, endpoints: str | None, config: str | None, token: str | None, timeout: float,
+         dial_timeout: float) -> None:
     """raftcoord: a Raft-replicated coordinator for PuzzleDB nodes.
 
     Node states and a Lamport-ordered message box, replicated peer to peer.
     Client commands reach the cluster through --endpoints or --config
     (or RAFTCOORD_ENDPOINTS / RAFTCOORD_CONFIG); by default 127.0.0.1:2379.
+
+    Exit codes: 0 done; 1 failed; 2 bad input or usage; 3 the outcome of a
+    write is unknown (it may have been applied: check before retrying).
     """
-    ctx.obj = {"endpoints": endpoints, "config": config, "token": token, "timeout": timeout}
+    ctx.obj = {"endpoints": endpoints, "config": config, "token": token, "timeout": timeout,
+               "dial_timeout": dial_timeout}
 
 
 def _target(ctx: click.Context) -> _Target:
     o = ctx.find_root().obj
-    return _Target(o["endpoints"], o["config"], o["token"], o["timeout"])
+    return _Target(o["endpoints"], o["config"], o["token"], o["timeout"], o["dial_timeout"])
 
 
 def _text(data: bytes) -> str:
@@ -112,7 +210,8 @@ def version() -> None:
 
 
 @main.command()
-@click.option("--messages", "count", default=6, show_default=True, help="How many messages to post.")
+@click.option("--messages", "count", type=click.IntRange(0, 1000), default=6, show_default=True,
+              help="How many messages to post.")
 def demo(count: int) -> None:
     """Run two in-memory nodes that share one store and exchange messages.
 
@@ -181,32 +280,42 @@ def node(ctx: click.Context, node_config: str | None, name: str, log_level: str)
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """One row per member: role, term, indexes, leader, node state, reachable."""
+    """One row per member: role, term, indexes, leader, node state, reachable.
+
+    The members are asked at once, each given the dial timeout to start
+    answering, so a paused node costs about that, not the whole timeout.
+    """
     target = _target(ctx)
     client = target.client()
-    rows = []
-    for m in target.members:
+
+    def row_for(m: dict[str, str]) -> dict[str, Any]:
         row: dict[str, Any] = {"name": m["name"], "client_url": m["client"], "raft": m["raft"], "reachable": False}
         try:
             st = client.status(endpoint=m["client"])
         except RaftcoordError as exc:
             row["error"] = exc.message
-        else:
-            row.update(
-                reachable=True,
-                name=st.get("name", m["name"]),
-                raft=st.get("raft", m["raft"]) or st.get("self", ""),
-                role=st.get("role"),
-                term=st.get("term"),
-                commit_index=st.get("commit_index"),
-                last_applied=st.get("last_applied"),
-                leader=st.get("leader"),
-            )
-        rows.append(row)
-    try:
-        states = {n["host"]: n.get("status") for n in client.nodes()}
-    except RaftcoordError:
-        states = {}
+            return row
+        row.update(
+            reachable=True,
+            name=st.get("name", m["name"]),
+            raft=st.get("raft", m["raft"]) or st.get("self", ""),
+            role=st.get("role"),
+            term=st.get("term"),
+            commit_index=st.get("commit_index"),
+            last_applied=st.get("last_applied"),
+            leader=st.get("leader"),
+        )
+        return row
+
+    with ThreadPoolExecutor(max_workers=min(32, len(target.members))) as pool:
+        rows = list(pool.map(row_for, target.members))
+    reachable = [m["client"] for m, r in zip(target.members, rows) if r["reachable"]]
+    states: dict[Any, Any] = {}
+    if reachable:
+        try:
+            states = {n.get("host"): n.get("status") for n in target.client(reachable).nodes()}
+        except RaftcoordError:
+            pass
     for row in rows:
         row["status"] = states.get(row["name"], "unknown")
     if as_json:
@@ -214,11 +323,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     header = ("NAME", "RAFT", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER", "STATUS", "REACHABLE")
     table = [header] + [
-        (
-            str(r["name"]), str(r["raft"] or "-"), str(r.get("role") or "-"), str(r.get("term", "-")),
-            str(r.get("commit_index", "-")), str(r.get("last_applied", "-")), str(r.get("leader") or "-"),
-            str(r["status"]), "yes" if r["reachable"] else "no",
-        )
+        tuple(_one_line(cell)[:80] for cell in (
+            r["name"], r["raft"] or "-", r.get("role") or "-", r.get("term", "-"),
+            r.get("commit_index", "-"), r.get("last_applied", "-"), r.get("leader") or "-",
+            r["status"], "yes" if r["reachable"] else "no",
+        ))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -236,8 +345,9 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
         _emit_json(states)
         return
     for n in states:
-        click.echo(f"{n['host']}\t{n['status']}\tcluster={n.get('cluster', '')}\taddr={n.get('addr', '')}"
-                   f"\tclock={n.get('clock')}\t{n.get('timestamp')}")
+        click.echo("\t".join(_safe(x) for x in (
+            n.get("host"), n.get("status"), f"cluster={n.get('cluster', '')}", f"addr={n.get('addr', '')}",
+            f"clock={n.get('clock')}", n.get("timestamp"))))
 
 
 @main.command()
@@ -246,7 +356,8 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def put(ctx: click.Context, key: str, value: str) -> None:
     """Set KEY to VALUE (both UTF-8 text); prints the revision."""
-    click.echo(f"OK revision={_target(ctx).client().put(key.encode(), value.encode())}")
+    data = (_utf8(key, "KEY"), _utf8(value, "VALUE"))
+    click.echo(f"OK revision={_target(ctx).client().put(*data)}")
 
 
 @main.command()
@@ -256,7 +367,7 @@ def put(ctx: click.Context, key: str, value: str) -> None:
 @click.pass_context
 def get(ctx: click.Context, key: str, as_json: bool, serializable: bool) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
-    kv = _target(ctx).client().get(key.encode(), serializable=serializable)
+    kv = _target(ctx).client().get(_utf8(key, "KEY"), serializable=serializable)
     if as_json:
         _emit_json(_kv_json(kv))
     else:
@@ -269,19 +380,20 @@ def get(ctx: click.Context, key: str, as_json: bool, serializable: bool) -> None
 @click.pass_context
 def delete(ctx: click.Context, key: str, prefix: bool) -> None:
     """Delete KEY; prints how many keys were deleted."""
-    click.echo(_target(ctx).client().delete(key.encode(), prefix=prefix))
+    click.echo(_target(ctx).client().delete(_utf8(key, "KEY"), prefix=prefix))
 
 
 @main.command()
 @click.argument("prefix", default="")
-@click.option("--limit", default=0, help="At most this many keys (0: all).")
+@click.option("--limit", type=click.IntRange(0, 2**63 - 1), default=0, help="At most this many keys (0: all).")
 @click.option("--desc", is_flag=True, help="Descending key order.")
 @json_option
 @serializable_option
 @click.pass_context
 def scan(ctx: click.Context, prefix: str, limit: int, desc: bool, as_json: bool, serializable: bool) -> None:
     """List keys starting with PREFIX (all keys if omitted), with values."""
-    out = _target(ctx).client().scan(prefix.encode(), limit=limit, descending=desc, serializable=serializable)
+    out = _target(ctx).client().scan(_utf8(prefix, "PREFIX"), limit=limit, descending=desc,
+                                     serializable=serializable)
     if as_json:
         _emit_json({**out, "kvs": [_kv_json(kv) for kv in out["kvs"]]})
         return
@@ -297,22 +409,28 @@ def scan(ctx: click.Context, prefix: str, limit: int, desc: bool, as_json: bool,
 @click.pass_context
 def post(ctx: click.Context, type: str, event: str | None, payload: str | None, as_json: bool) -> None:
     """Post a message of TYPE (O object, D database, C collection, U user, or an int)."""
+    code = _code_arg(type, "TYPE")
+    event_code = None if event is None else _code_arg(event, "--event")
     body: Any = None
     if payload is not None:
+        _utf8(payload, "--payload")
         try:
-            body = json.loads(payload)
-        except ValueError:
-            body = payload
-    msg = _target(ctx).client().post(_code_arg(type), None if event is None else _code_arg(event), body)
+            body = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
+        except _OutOfRange as exc:
+            raise InvalidInputError(f"--payload: {exc}", field="payload") from None
+        except (ValueError, RecursionError):
+            body = payload  # not JSON: sent as text
+    msg = _target(ctx).client().post(code, event_code, body)
     if as_json:
         _emit_json(msg)
     else:
-        click.echo(f"posted clock={msg.get('clock')}")
+        click.echo(f"posted clock={_safe(msg.get('clock'))}")
 
 
 @main.command()
-@click.option("--since", type=int, default=None, help="Only messages with a clock above this.")
-@click.option("--limit", default=0, help="At most this many messages (0: all).")
+@click.option("--since", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Only messages with a clock above this.")
+@click.option("--limit", type=click.IntRange(0, 2**63 - 1), default=0, help="At most this many messages (0: all).")
 @json_option
 @click.pass_context
 def messages(ctx: click.Context, since: int | None, limit: int, as_json: bool) -> None:
@@ -322,12 +440,34 @@ def messages(ctx: click.Context, since: int | None, limit: int, as_json: bool) -
         _emit_json(msgs)
         return
     for m in msgs:
-        click.echo(f"{m.get('clock')}\t{_letter(m.get('type'))}\t{_letter(m.get('event'))}\tfrom={m.get('from')}"
-                   f"\t{json.dumps(m.get('payload'), default=str)}\t{m.get('timestamp')}")
+        click.echo("\t".join(_safe(x) for x in (
+            m.get("clock"), _letter(m.get("type")), _letter(m.get("event")), f"from={m.get('from')}",
+            json.dumps(m.get("payload"), default=str), m.get("timestamp"))))
 
 
-def _code_arg(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
+def _code_arg(text: str, name: str) -> str | int:
+    """A message type or event: an int 0-255 or one printable ASCII character."""
+    if text.isascii() and text.isdigit() and len(text) <= 3 and int(text) <= 255:
+        return int(text)
+    if len(text) == 1 and text.isascii() and text.isprintable() and not text.isdigit():
+        return text
+    raise InvalidInputError(f"{name} must be an int 0-255 or one ASCII letter such as U, got {_safe(text)!r}",
+                            field=name.lstrip("-").lower())
+
+
+class _OutOfRange(Exception):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(f"the number {text[:40]} is out of range")
+    return value
 
 
 def _letter(code: Any) -> str:

@@ -6,7 +6,7 @@ carries what the outer layers need to report it, so that ``server.py`` and
 
 * ``http_status``: the status the client endpoint answers with;
 * ``exit_code``: the CLI's exit code (2 for a usage or input mistake, as click
-  does, 1 for anything else);
+  does, 3 when a write may or may not have been applied, 1 for anything else);
 * ``code``: a short stable name that travels in JSON error bodies and in the
   state machine's error results, so a replica can rebuild the same exception
   from a result without pickling anything.
@@ -212,6 +212,8 @@ class TimeoutError(UnavailableError):  # noqa: A001 - deliberately ours
 class UnknownOutcomeError(TimeoutError):
     """The request may or may not have been applied; retrying may be unsafe."""
 
+    #: The CLI's own exit code, so scripts can tell "maybe applied" from "failed".
+    exit_code = 3
     code = "unknown_outcome"
 
 

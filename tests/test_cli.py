@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from click.testing import CliRunner
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner, Result
+
+from fake_endpoint import FakeCluster, fake_cluster, refused_addr, silent_listener
 from raftcoord import __version__
 from raftcoord.cli import main
+from raftcoord.errors import UnknownOutcomeError
 
 
 def test_help_lists_commands() -> None:
@@ -36,3 +45,204 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["nope"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------- issue 6
+
+
+def one_line_error(result: Result, exit_code: int | None = None) -> str:
+    """Assert ``result`` failed with exactly one "Error: ..." line and no traceback; return it."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    if exit_code is not None:
+        assert result.exit_code == exit_code, result.output
+    return lines[0]
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def cluster() -> Iterator[FakeCluster]:
+    with fake_cluster(2) as c:
+        yield c
+
+
+def cluster_file(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "cluster.toml"
+    path.write_text(f'[cluster]\nname = "t"\n{extra}\n[[node]]\nname = "n1"\nraft = "127.0.0.1:7001"\n'
+                    'client = "127.0.0.1:2379"\n')
+    return path
+
+
+BAD_ARGUMENTS = {
+    "non-utf8-key": ["put", "\udcff", "v"],
+    "non-utf8-value": ["put", "k", "\udcfe"],
+    "non-utf8-get": ["get", "\udcff"],
+    "non-utf8-del": ["del", "\udcff"],
+    "non-utf8-prefix": ["scan", "\udcff"],
+    "non-utf8-payload": ["post", "U", "--payload", "\udcff"],
+    "non-utf8-endpoint": ["--endpoints", "\udcff:1", "get", "k"],
+    "non-utf8-token": ["--token", "\udcff", "get", "k"],
+    "token-newline": ["--token", "a\nb", "get", "k"],
+    "unicode-digit-type": ["post", "²"],
+    "unicode-digit-event": ["post", "U", "--event", "²"],
+    "arabic-digit-type": ["post", "٣"],
+    "type-256": ["post", "256"],
+    "type-two-letters": ["post", "UU"],
+    "endpoint-open-bracket": ["--endpoints", "http://[::1", "get", "k"],
+    "endpoint-port-text": ["--endpoints", "127.0.0.1:abc", "get", "k"],
+    "endpoint-port-too-big": ["--endpoints", "127.0.0.1:65536", "get", "k"],
+    "endpoint-port-huge": ["--endpoints", "127.0.0.1:99999999999999999999999", "get", "k"],
+    "endpoints-empty": ["--endpoints", ",", "get", "k"],
+    "timeout-nan": ["--timeout", "nan", "get", "k"],
+    "timeout-negative": ["--timeout", "-1", "get", "k"],
+    "timeout-inf": ["--timeout", "inf", "get", "k"],
+    "timeout-1e300": ["--timeout", "1e300", "get", "k"],
+    "timeout-zero": ["--timeout", "0", "get", "k"],
+    "dial-timeout-nan": ["--dial-timeout", "nan", "get", "k"],
+    "since-5000-digits": ["messages", "--since", "1" * 5000],
+    "since-negative": ["messages", "--since", "-1"],
+    "limit-negative": ["scan", "--limit", "-1"],
+    "demo-too-many": ["demo", "--messages", "1000000000"],
+    "unknown-command": ["nope"],
+    "missing-argument": ["get"],
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS))
+def test_issue6_d13_bad_argument_is_one_error_line(args: list[str]) -> None:
+    """A bad argument or option is one "Error:" line and a non-zero exit, never a traceback."""
+    one_line_error(invoke("--endpoints", refused_addr(), *args) if args[0] != "--endpoints" else invoke(*args))
+
+
+CONFIG_FILES = ["nested-5000", "dev-zero", "fifo", "secret-file-urandom", "missing", "directory"]
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_issue6_d13_bad_config_file_is_one_error_line(case: str, tmp_path: Path) -> None:
+    """A hostile --config is one "Error:" line, at once (the bounds are config.py's, H-http's part)."""
+    if case == "nested-5000":
+        path = tmp_path / "deep.toml"
+        path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    elif case == "dev-zero":
+        path = Path("/dev/zero")
+    elif case == "fifo":
+        path = tmp_path / "fifo.toml"
+        os.mkfifo(path)
+    elif case == "secret-file-urandom":
+        path = cluster_file(tmp_path, 'secret_file = "/dev/urandom"')
+    elif case == "missing":
+        path = tmp_path / "missing.toml"
+    else:
+        path = tmp_path
+    start = time.monotonic()
+    one_line_error(invoke("--config", str(path), "status"), 2)
+    assert time.monotonic() - start < 5
+
+
+MALFORMED_ANSWERS = {"html": b"<html><body>It works!</body></html>", "list": b"[1,2]", "empty": b"{}"}
+COMMANDS = {
+    "put": ["put", "k", "v"],
+    "del": ["del", "k"],
+    "post": ["post", "U"],
+    "get": ["get", "k"],
+    "scan": ["scan"],
+    "nodes": ["nodes"],
+    "messages": ["messages"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS.values()), ids=list(COMMANDS))
+@pytest.mark.parametrize("answer", list(MALFORMED_ANSWERS.values()), ids=list(MALFORMED_ANSWERS))
+def test_issue6_d13_endpoint_answering_something_else_is_an_error(
+    cluster: FakeCluster, command: list[str], answer: bytes
+) -> None:
+    """A 200 that is not a raftcoord answer is an error line; a write says it may have been applied."""
+    cluster.hooks[0] = lambda stage, route, h: (
+        (200, answer) if stage == "before" and route != "/raftcoord/v1/session" else None)
+    line = one_line_error(invoke("--timeout", "2", "--endpoints", cluster.addr(0), *command))
+    if command[0] in ("put", "del", "post"):
+        assert "may have been applied" in line
+
+
+def test_issue6_d13_messages_more_forever_ends(cluster: FakeCluster) -> None:
+    """A server that answers the same page with more: true forever: one error line, not a loop."""
+    page = {"messages": [{"clock": 7, "type": 85}], "more": True}
+    cluster.hooks[0] = lambda stage, route, h: (200, page) if stage == "before" else None
+    one_line_error(invoke("--timeout", "2", "--endpoints", cluster.addr(0), "messages"))
+
+
+def test_issue6_d13_hostile_error_message_stays_one_line(cluster: FakeCluster) -> None:
+    """An error answer with newlines, escapes and 100 KB of text is printed as one bounded line."""
+    message = "bad\n\x1b[31mred\r\nsecond line\n" + "x" * 100_000
+    cluster.hooks[0] = lambda stage, route, h: (400, {"message": message, "code": "invalid_input"})
+    line = one_line_error(invoke("--endpoints", cluster.addr(0), "get", "k"), 2)
+    assert "\x1b" not in line and len(line) < 500
+
+
+def test_issue6_d15_unknown_outcome_says_may_have_been_applied(cluster: FakeCluster) -> None:
+    """A 504 unknown_outcome on a put exits 3 with "may have been applied", not a plain timeout."""
+    for i in (0, 1):
+        cluster.hooks[i] = lambda stage, route, h: (
+            (504, {"code": "unknown_outcome", "message": "commit not confirmed"})
+            if stage == "before" and route == "/v3/kv/put" else None)
+    result = invoke("--timeout", "1", "--endpoints", f"{cluster.addr(0)},{cluster.addr(1)}", "put", "k", "v")
+    line = one_line_error(result, UnknownOutcomeError.exit_code)
+    assert "may have been applied" in line
+
+
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"], ["messages"], ["nodes"]],
+                         ids=["get", "put", "messages", "nodes"])
+def test_issue6_d15_paused_first_endpoint_costs_the_dial_timeout(cluster: FakeCluster, command: list[str]) -> None:
+    """With a paused first endpoint a command moves on after the dial timeout (2 s), not its 8 s timeout."""
+    cluster.store.kv["k"] = "v"
+    with silent_listener() as paused:
+        start = time.monotonic()
+        result = invoke("--timeout", "8", "--endpoints", f"{paused},{cluster.addr(0)}", *command)
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result.output
+    assert elapsed < 4.0, f"{command[0]} took {elapsed:.1f} s"
+
+
+def test_issue6_d15_status_shows_a_paused_node_unreachable_quickly(cluster: FakeCluster) -> None:
+    """status asks the nodes at once and shows a paused one unreachable after the dial timeout."""
+    with silent_listener() as paused:
+        start = time.monotonic()
+        result = invoke("--timeout", "8", "--endpoints", f"{cluster.addr(0)},{paused},{cluster.addr(1)}",
+                        "status", "--json")
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["reachable"] for r in rows] == [True, False, True]
+    assert elapsed < 4.0, f"status took {elapsed:.1f} s"
+
+
+def test_dial_timeout_option(cluster: FakeCluster) -> None:
+    """--dial-timeout sets how long a silent node is given."""
+    cluster.store.kv["k"] = "v"
+    with silent_listener() as paused:
+        start = time.monotonic()
+        result = invoke("--dial-timeout", "0.3", "--endpoints", f"{paused},{cluster.addr(0)}", "get", "k")
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 0 and result.output == "v\n", result.output
+    assert elapsed < 1.5
+
+
+def test_put_get_del_post_messages_against_a_fake_node(cluster: FakeCluster) -> None:
+    """The client commands work end to end against a well-behaved node."""
+    ep = ["--endpoints", cluster.addr(0)]
+    assert invoke(*ep, "put", "k", "v").output == "OK revision=1\n"
+    assert invoke(*ep, "get", "k").output == "v\n"
+    assert invoke(*ep, "del", "k").output == "1\n"
+    assert invoke(*ep, "post", "U", "--event", "C").output == "posted clock=1\n"
+    assert invoke(*ep, "messages").output.startswith("1\tU\t")
+
+
+def test_issue6_d13_payload_out_of_range_is_an_error() -> None:
+    """--payload 1e400 is refused (it would become infinity), not sent."""
+    assert "out of range" in one_line_error(invoke("--endpoints", refused_addr(), "post", "U", "--payload", "1e400"), 2)
