@@ -55,8 +55,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class LocalCluster:
     """A cluster of node processes described by one cluster file."""
 
-    def __init__(self, root: Path, n: int = 3, *, secret: str | None = None, extra: str = "") -> None:
+    def __init__(self, root: Path, n: int = 3, *, secret: str | None = None, extra: str = "",
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.root = root
+        self.preexec_fn = preexec_fn  # run in each node process before exec (e.g. resource limits)
         self.names = [f"n{i + 1}" for i in range(n)]
         ports = free_ports(2 * n)
         self.raft = {name: f"127.0.0.1:{ports[2 * i]}" for i, name in enumerate(self.names)}
@@ -94,6 +96,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                preexec_fn=self.preexec_fn,
             )
             self.procs[name] = proc
             self._all_pids.append(proc.pid)
