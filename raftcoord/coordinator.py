@@ -27,6 +27,12 @@ Reads of a size a client chooses (ranges, scans, read-only transactions) go
 through ``backend.read_view``, a reader of one revision that holds the
 replica's state lock only in short steps, and are refused beyond
 ``max_response_bytes``; read-only transactions never enter the log.
+
+The parts that need nothing of the coordinator live below it, so imports
+run one way: the Backend protocol and :class:`MemoryBackend` in
+``backends.py``, the stepped range read in ``ranges.py``, argument checks in
+``arguments.py``, and :class:`Transaction` in ``transaction.py`` (built on
+this class's public calls only). All of them are importable from here too.
 """
 
 from __future__ import annotations
@@ -38,26 +44,28 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 from raftcoord import store as _store
+from raftcoord.arguments import check_key, check_order, check_value, message_code, prefix_range
+from raftcoord.backends import CONSISTENCIES, Backend, Consistency, MemoryBackend, Reader
 from raftcoord.clock import LamportClock
 from raftcoord.errors import (
     CommandError,
-    ConflictError,
     KeyNotFoundError,
     LimitExceededError,
     RaftcoordError,
-    ReservedKeyError,
     TimeoutError,
     UnavailableError,
     UnknownOutcomeError,
     error_from_code,
 )
-from raftcoord.keys import NodeKey, is_reserved, prefix_end
+from raftcoord.keys import NodeKey
+from raftcoord.ranges import read_range
 from raftcoord.store import MAX_COMMAND_BYTES, Applied, KeyValue, MessagePosted, RangeResult, Store
+from raftcoord.transaction import Transaction
 from raftcoord.values import Message, NodeState, NodeStatus, encode_cbor
 
 __all__ = ["Backend", "Coordinator", "MemoryBackend", "Observer", "Reader", "Transaction"]
@@ -65,8 +73,6 @@ __all__ = ["Backend", "Coordinator", "MemoryBackend", "Observer", "Reader", "Tra
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Consistency = Literal["linearizable", "serializable"]
-CONSISTENCIES = ("linearizable", "serializable")
 
 #: etcd's default limit of operations per transaction (``--max-txn-ops``).
 DEFAULT_MAX_TXN_OPS = 128
@@ -74,136 +80,10 @@ DEFAULT_MAX_TXN_OPS = 128
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: Keys read per step of a range, so a view can release the state lock between steps.
 RANGE_PAGE = 1024
-#: Bytes a key-value costs in an answer beyond its key and value (revisions, framing).
-KV_OVERHEAD_BYTES = 32
 #: How many times a request provably never applied is re-sent under a fresh session.
 SESSION_RETRIES = 2
 
 _AMBIGUOUS_CODES = frozenset({"session_expired", "duplicate_request"})
-
-
-class Reader(Protocol):
-    """One revision of the store, as ``backend.read_view`` yields it (C3/C4)."""
-
-    @property
-    def revision(self) -> int:
-        """The revision this reader answers at."""
-
-    def get(self, key: bytes) -> KeyValue | None:
-        """The key's value and revisions, or None."""
-
-    def range(
-        self, key: bytes, range_end: bytes = b"", *, limit: int = 0, offset: int = 0, descending: bool = False
-    ) -> RangeResult:
-        """An etcd-style range, as :meth:`Store.range`."""
-
-
-class Backend(Protocol):
-    """What a coordinator needs from the replication layer below it.
-
-    A backend may set ``proposes_once = True`` to promise that ``propose``
-    hands the bytes to the state machine at most once per call (no internal
-    retry); the coordinator then knows that a request refused for an expired
-    session never applied, and sends it again under a new session.
-    """
-
-    def propose(self, command: bytes, *, timeout: float) -> dict[str, Any]:
-        """Commit ``command``, apply it locally, return the store's result."""
-
-    def read(self, fn: Callable[[Store], T], *, consistency: Consistency, timeout: float) -> T:
-        """Run ``fn`` on the local store, after a read barrier if linearizable.
-
-        ``fn`` runs while no command is being applied, so what it sees is one
-        revision, and a listener added inside it misses nothing.
-        """
-
-    def read_view(self, *, consistency: Consistency, timeout: float) -> AbstractContextManager[Reader]:
-        """A reader of one revision (after a read barrier if linearizable).
-
-        The reader answers as of one revision for as long as the context is
-        open, and holds the replica's state lock only briefly at a time, so
-        a large read never keeps the Raft thread from applying or sending
-        heartbeats.
-        """
-
-    def add_listener(self, listener: Callable[[Applied], None]) -> None:
-        """Call ``listener`` for each applied command, in log order, quickly."""
-
-    def status(self) -> dict[str, Any]:
-        """The replica's view of the cluster, for status commands."""
-
-    def close(self) -> None:
-        """Stop; further calls raise :class:`UnavailableError`."""
-
-
-class MemoryBackend:
-    """A single-process backend: one store behind a lock, no replication.
-
-    Used by :meth:`Coordinator.memory`, in tests, and to try the API out.
-    """
-
-    #: ``propose`` applies the bytes exactly once: there is no retry to hide.
-    proposes_once = True
-
-    def __init__(self, store: Store | None = None) -> None:
-        self.store = store if store is not None else Store()
-        self._lock = threading.RLock()
-        self._listeners: list[Callable[[Applied], None]] = []
-        self._closed = False
-
-    def propose(self, command: bytes, *, timeout: float) -> dict[str, Any]:
-        """Apply ``command`` at once; there is nobody to agree with."""
-        with self._lock:
-            self._check_open()
-            applied = self.store.apply(command)
-            for listener in self._listeners:
-                listener(applied)
-            return applied.result
-
-    def read(self, fn: Callable[[Store], T], *, consistency: Consistency, timeout: float) -> T:
-        """Run ``fn`` on the store; both consistencies are the same here."""
-        with self._lock:
-            self._check_open()
-            return fn(self.store)
-
-    @contextmanager
-    def read_view(self, *, consistency: Consistency, timeout: float) -> Iterator[Reader]:
-        """The store itself, under the lock for the whole view.
-
-        There is no Raft thread to starve here: holding the lock only keeps
-        other callers of this backend waiting.
-        """
-        with self._lock:
-            self._check_open()
-            yield self.store
-
-    def add_listener(self, listener: Callable[[Applied], None]) -> None:
-        """Register ``listener``; it runs under the store lock, in apply order."""
-        with self._lock:
-            self._listeners.append(listener)
-
-    def status(self) -> dict[str, Any]:
-        """A one-member cluster that is always its own leader."""
-        with self._lock:
-            return {
-                "backend": "memory",
-                "role": "leader",
-                "term": 1,
-                "leader": "memory",
-                "commit_index": self.store.applied,
-                "last_applied": self.store.applied,
-                "revision": self.store.revision,
-                "clock": self.store.clock,
-            }
-
-    def close(self) -> None:
-        """Refuse further calls."""
-        with self._lock:
-            self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise UnavailableError("the coordinator is closed")
 
 
 @dataclass(eq=False)
@@ -518,16 +398,16 @@ class Coordinator:
 
     def get_kv(self, key: bytes, *, consistency: Consistency | None = None) -> KeyValue | None:
         """The key with its revisions, or None."""
-        _check_key(key)
+        check_key(key)
         return self.read(lambda s: s.get(key), consistency=consistency)
 
     def put(self, key: bytes, value: bytes) -> int:
         """Set ``key`` to ``value``; returns the revision of the write."""
-        return int(self.execute({"op": "put", "key": _check_key(key), "value": _check_value(value)})["revision"])
+        return int(self.execute({"op": "put", "key": check_key(key), "value": check_value(value)})["revision"])
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; True if it existed."""
-        return bool(self.execute({"op": "delete", "key": _check_key(key)})["deleted"])
+        return bool(self.execute({"op": "delete", "key": check_key(key)})["deleted"])
 
     def scan(
         self,
@@ -540,8 +420,8 @@ class Coordinator:
         max_bytes: int | None = None,
     ) -> list[KeyValue]:
         """Keys starting with ``prefix`` in key order (``desc`` reverses it)."""
-        key, end = _prefix_range(prefix)
-        _check_order(order)
+        key, end = prefix_range(prefix)
+        check_order(order)
         res = self.range(
             key, end, offset=offset, limit=limit, descending=order == "desc", consistency=consistency,
             max_bytes=max_bytes,
@@ -570,7 +450,7 @@ class Coordinator:
         empty) and ``count_only`` answers (no key-values) cost accordingly
         less.
         """
-        _check_key(key)
+        check_key(key)
         if not isinstance(range_end, bytes):
             raise CommandError(f"range_end must be bytes, not {type(range_end).__name__}", field="range_end")
         for name, value in (("limit", limit), ("offset", offset)):
@@ -578,9 +458,9 @@ class Coordinator:
                 raise CommandError(f"{name} must be a non-negative integer, got {value!r}", field=name)
         budget = self.max_response_bytes if max_bytes is None else max_bytes
         with self.view(consistency=consistency) as reader:
-            return _read_range(
+            return read_range(
                 reader, key, range_end, limit=limit, offset=offset, descending=descending,
-                budget=budget, keys_only=keys_only, count_only=count_only,
+                budget=budget, keys_only=keys_only, count_only=count_only, page=RANGE_PAGE,
             )
 
     def revision(self, *, consistency: Consistency | None = None) -> int:
@@ -648,11 +528,11 @@ class Coordinator:
             "op": "post",
             "from": self.host,
             "clock": sender_clock,
-            "type": _code(type, "type"),
+            "type": message_code(type, "type"),
             "timestamp": self._now(),
         }
         if event is not None:
-            cmd["event"] = _code(event, "event")
+            cmd["event"] = message_code(event, "event")
         if payload is not None:
             cmd["payload"] = payload
         message = Message.from_map(self.execute(cmd, req=req)["message"])
@@ -739,223 +619,9 @@ class Coordinator:
             log.exception("observer %r failed on message clock %d; continuing", obs.callback, message.clock)
 
 
-class Transaction:
-    """Reads recorded, writes buffered; see :meth:`Coordinator.transact`."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coord = coordinator
-        self._reads: dict[bytes, int] = {}
-        self._ranges: list[tuple[bytes, bytes, list[list[Any]]]] = []
-        self._writes: dict[bytes, bytes | None] = {}
-        self._truncated = False
-        self._done = False
-
-    def _store_read(self, fn: Callable[[Store], T]) -> T:
-        # Local reads: the commit re-checks every one of them, so a stale
-        # replica can only cause a ConflictError, never a wrong commit.
-        return self._coord.read(fn, consistency="serializable")
-
-    def get(self, key: bytes) -> bytes:
-        """The value of ``key`` as this transaction sees it."""
-        self._check_open()
-        _check_key(key)
-        if key in self._writes:
-            value = self._writes[key]
-        elif self._truncated and not is_reserved(key):
-            value = None
-        else:
-            kv = self._store_read(lambda s: s.get(key))
-            self._reads.setdefault(key, 0 if kv is None else kv.mod_revision)
-            value = None if kv is None else kv.value
-        if value is None:
-            raise KeyNotFoundError(f"key {key!r} not found", field="key")
-        return value
-
-    def scan(
-        self, prefix: bytes = b"", *, offset: int = 0, limit: int = 0, order: Literal["asc", "desc"] = "asc"
-    ) -> list[tuple[bytes, bytes]]:
-        """``(key, value)`` pairs under ``prefix``, this transaction's writes included."""
-        self._check_open()
-        _check_order(order)
-        key, end = _prefix_range(prefix)
-        # Through the coordinator's range: a view, read in steps, bounded in size.
-        kvs = self._coord.range(key, end, consistency="serializable").kvs
-        self._ranges.append((key, end, [[kv.key, kv.mod_revision] for kv in kvs]))
-        merged = {kv.key: kv.value for kv in kvs if not (self._truncated and not is_reserved(kv.key))}
-        for k, v in self._writes.items():
-            if k.startswith(prefix):
-                if v is None:
-                    merged.pop(k, None)
-                else:
-                    merged[k] = v
-        items = sorted(merged.items(), reverse=order == "desc")[offset:]
-        return items[:limit] if limit else items
-
-    def set(self, key: bytes, value: bytes) -> None:
-        """Buffer a write of ``key``."""
-        self._check_open()
-        _check_writable_key(key)
-        self._writes[key] = _check_value(value)
-
-    def remove(self, key: bytes) -> None:
-        """Buffer a delete of ``key``; raises KeyNotFoundError if it is absent."""
-        self.get(key)
-        _check_writable_key(key)
-        self._writes[key] = None
-
-    def truncate(self) -> None:
-        """Buffer the removal of every user key (coordinator records stay)."""
-        self._check_open()
-        self._truncated = True
-        self._writes.clear()
-
-    def cancel(self) -> None:
-        """Drop the buffered writes; nothing is sent."""
-        self._done = True
-
-    def commit(self) -> int | None:
-        """Send the transaction as one command; returns its revision.
-
-        Returns None when nothing was read or written. Raises
-        :class:`ConflictError` if anything read changed meanwhile.
-        """
-        self._check_open()
-        self._done = True
-        if not (self._reads or self._ranges or self._writes or self._truncated):
-            return None
-        compare = [{"key": k, "target": "mod", "result": "equal", "value": rev} for k, rev in self._reads.items()]
-        compare += [{"key": k, "range_end": e, "target": "keys", "value": seen} for k, e, seen in self._ranges]
-        ops: list[dict[str, Any]] = []
-        if self._truncated:
-            # Delete every user key except those this transaction writes: one
-            # revision may not both delete and write a key (etcd's rule), so
-            # the truncation covers only the gaps between written keys.
-            start = b"\x00"
-            for k in sorted(self._writes):
-                if start < k:
-                    ops.append({"op": "delete", "key": start, "range_end": k})
-                start = k + b"\x00"
-            ops.append({"op": "delete", "key": start, "range_end": b"\x00"})
-        for k, v in self._writes.items():
-            ops.append({"op": "put", "key": k, "value": v} if v is not None else {"op": "delete", "key": k})
-        result = self._coord.execute({"op": "txn", "compare": compare, "success": ops, "failure": []})
-        if not result["succeeded"]:
-            raise ConflictError("the transaction read keys that changed before it committed; retry it")
-        return int(result["revision"])
-
-    def _check_open(self) -> None:
-        if self._done:
-            raise RaftcoordError("the transaction is already finished")
-
-
-def _read_range(
-    reader: Reader,
-    key: bytes,
-    range_end: bytes,
-    *,
-    limit: int,
-    offset: int,
-    descending: bool,
-    budget: int,
-    keys_only: bool,
-    count_only: bool,
-) -> RangeResult:
-    """A range read from ``reader`` in steps, refused once it passes ``budget`` bytes."""
-    count_fn = getattr(reader, "count", None)
-    if count_only:
-        if count_fn is not None:
-            count = count_fn(key, range_end)
-        else:
-            count = reader.range(key, range_end, limit=1, offset=offset, descending=descending).count
-        return RangeResult((), count, bool(limit) and count > min(count, offset) + limit)
-    kvs: list[KeyValue] = []
-    used = 0
-
-    def take(kv: KeyValue) -> None:
-        nonlocal used
-        used += len(kv.key) + KV_OVERHEAD_BYTES + (0 if keys_only else len(kv.value))
-        if used > budget:
-            raise LimitExceededError(
-                f"the range's answer would pass {budget} bytes (max_response_bytes); "
-                "ask for fewer keys with limit, keys_only or a narrower range",
-                field="max_response_bytes",
-            )
-        kvs.append(replace(kv, value=b"") if keys_only else kv)
-
-    scan = getattr(reader, "scan", None)
-    if scan is not None and count_fn is not None:
-        # A chunked view: walk it and stop at the limit or the budget.
-        count = count_fn(key, range_end)
-        if offset < count:
-            skipped = 0
-            for kv in scan(key, range_end, descending=descending):
-                if skipped < offset:
-                    skipped += 1
-                    continue
-                take(kv)
-                if limit and len(kvs) >= limit:
-                    break
-    else:
-        # A store, where offsets are cheap: page by offset.
-        first: int | None = None
-        while True:
-            step = min(RANGE_PAGE, limit - len(kvs)) if limit else RANGE_PAGE
-            res = reader.range(key, range_end, limit=step, offset=offset + len(kvs), descending=descending)
-            first = res.count if first is None else first
-            for kv in res.kvs:
-                take(kv)
-            if not res.more or not res.kvs or (limit and len(kvs) >= limit):
-                break
-        assert first is not None
-        count = first
-    return RangeResult(tuple(kvs), count, bool(limit) and count > min(count, offset) + limit)
-
-
 def _raise_error(result: dict[str, Any]) -> dict[str, Any]:
     """``result`` if it is a success; else its error, raised."""
     if not result.get("ok"):
         err = result.get("error") or {}
         raise error_from_code(err.get("code", "internal"), err.get("message", "command refused"), err.get("field"))
     return result
-
-
-def _check_key(key: Any) -> bytes:
-    if not isinstance(key, bytes):
-        raise CommandError(f"key must be bytes, not {type(key).__name__}", field="key")
-    if not key:
-        raise CommandError("key must not be empty", field="key")
-    return key
-
-
-def _check_writable_key(key: Any) -> bytes:
-    _check_key(key)
-    if is_reserved(key):
-        raise ReservedKeyError(f"key {key!r} is under a coordinator header", field="key")
-    return key
-
-
-def _check_value(value: Any) -> bytes:
-    if not isinstance(value, bytes):
-        raise CommandError(f"value must be bytes, not {type(value).__name__}", field="value")
-    return value
-
-
-def _check_order(order: str) -> None:
-    if order not in ("asc", "desc"):
-        raise CommandError(f"order must be 'asc' or 'desc', not {order!r}", field="order")
-
-
-def _prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
-    if not isinstance(prefix, bytes):
-        raise CommandError(f"prefix must be bytes, not {type(prefix).__name__}", field="prefix")
-    return (prefix, prefix_end(prefix)) if prefix else (b"\x00", b"\x00")
-
-
-def _code(value: int | str, name: str) -> int:
-    if isinstance(value, str):
-        if len(value) != 1 or ord(value) > 0xFF:
-            raise CommandError(f"{name} must be one character or an int 0-255, got {value!r}", field=name)
-        return ord(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFF:
-        raise CommandError(f"{name} must be an int 0-255 or one character, got {value!r}", field=name)
-    return value
