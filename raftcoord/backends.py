@@ -19,29 +19,14 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal, Protocol, TypeVar
 
 from raftcoord.errors import UnavailableError
-from raftcoord.store import Applied, KeyValue, RangeResult, Store
+from raftcoord.store import Applied, Store
+from raftcoord.txn import Reader
 
 __all__ = ["CONSISTENCIES", "Backend", "Consistency", "MemoryBackend", "Reader"]
 
 T = TypeVar("T")
 Consistency = Literal["linearizable", "serializable"]
 CONSISTENCIES = ("linearizable", "serializable")
-
-
-class Reader(Protocol):
-    """One revision of the store, as ``backend.read_view`` yields it (C3/C4)."""
-
-    @property
-    def revision(self) -> int:
-        """The revision this reader answers at."""
-
-    def get(self, key: bytes) -> KeyValue | None:
-        """The key's value and revisions, or None."""
-
-    def range(
-        self, key: bytes, range_end: bytes = b"", *, limit: int = 0, offset: int = 0, descending: bool = False
-    ) -> RangeResult:
-        """An etcd-style range, as :meth:`Store.range`."""
 
 
 class Backend(Protocol):

@@ -3,12 +3,7 @@ and a proxy whose cut behaves like a network partition."""
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +16,7 @@ RUNNER = Path(__file__).with_name("bound_node.py")
 class FaultNode(NodeProcess):
     """A NodeProcess run by ``bound_node.py`` (config keys ``bind`` and ``nofile`` too)."""
 
-    def start(self, timeout: float = 15.0) -> None:
-        self._ready = Future()
-        log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), json.dumps(self.config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-        )
-        log.close()
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        self._ready.result(timeout)
+    runner = RUNNER
 
     @property
     def raft_port(self) -> int:

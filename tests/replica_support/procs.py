@@ -22,6 +22,9 @@ RUNNER = Path(__file__).with_name("node.py")
 class NodeProcess:
     """One replica process: :meth:`start`, :meth:`call`, :meth:`kill` (SIGKILL)."""
 
+    #: The script the process runs.
+    runner: Path = RUNNER
+
     def __init__(self, config: dict[str, Any], log_path: Path) -> None:
         self.config = config
         self.log_path = log_path
@@ -40,7 +43,7 @@ class NodeProcess:
         self._ready = Future()
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), json.dumps(self.config)],
+            [sys.executable, str(self.runner), json.dumps(self.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
         )
         log.close()
