@@ -16,40 +16,23 @@ The loop contract
    that would escape anyway, since one exception would wedge the cluster
    (hazard 7). Listeners (``on_applied``, :meth:`add_listener`) run right
    after each apply, on the Raft thread, while no reader can see the store.
-2. **Heard back.** ``propose`` returns the store's result once the entry is
-   committed *and* applied on this replica, so a read here right after sees
-   the write. It never waits longer than its own ``timeout``: pysyncobj's
-   callbacks may never fire (hazard 10).
-3. **No leader.** Without a leader the engine refuses at once
-   (``MISSING_LEADER``; nothing waits in its queue), and ``propose`` retries
-   with a short back-off until the deadline, then raises
-   :class:`~raftcoord.errors.UnavailableError`. Refusals that prove the
-   command was not applied (``QUEUE_FULL``, ``MISSING_LEADER``,
-   ``NOT_LEADER``, ``DISCARDED``) end, at the deadline, in
-   ``UnavailableError`` or :class:`~raftcoord.errors.TimeoutError`.
-4. **Retried.** ``LEADER_CHANGED``, ``UNKNOWN_OUTCOME`` and an attempt that
-   stays unanswered for ``retry_interval`` are ambiguous (hazard 4): the same
-   bytes are proposed again, and the store's at-most-once sessions (the
-   ``req`` field) turn a second application into the remembered result. If
-   the deadline passes while any attempt may still apply, ``propose`` raises
-   :class:`~raftcoord.errors.UnknownOutcomeError`. Commands without ``req``
-   must be idempotent (a barrier is) or be proposed with
-   ``retry_ambiguous=False``.
-5. **Reads.** :meth:`read` with ``consistency="linearizable"`` first commits
-   a ``{"op": "barrier"}`` entry and waits until this replica applied it. A
-   barrier commits only in the term of the leader that appended it, so a
-   leader cut off from the majority cannot pass one (hazard 2). Readers that
-   arrive while a barrier is in flight share the next one: any burst of
-   readers costs at most two rounds. :meth:`read` runs a function under the
-   state lock and is for short reads only; anything sized by a client goes
-   through :meth:`read_view`, which answers as of one revision while it
-   takes the lock a chunk at a time (``views.py``), and the Raft thread
-   takes that lock before any waiting reader.
-6. **Status.** :meth:`status` never waits for the Raft thread: the Raft
+2. **Heard back, no leader, retried.** When ``propose`` returns, when it
+   raises UnavailableError or TimeoutError (not applied) or
+   UnknownOutcomeError (maybe applied), and what it proposes again is
+   stated in ``raftcoord/proposals.py``, which holds that machinery.
+3. **Reads.** :meth:`read` with ``consistency="linearizable"`` first passes
+   a read barrier (``proposals.py``: a barrier entry committed in the
+   leader's term and applied here, shared by concurrent readers). :meth:`read`
+   runs a function under the state lock and is for short reads only;
+   anything sized by a client goes through :meth:`read_view`, which answers
+   as of one revision while it takes the lock a chunk at a time
+   (``views.py``), and the Raft thread takes that lock before any waiting
+   reader.
+4. **Status.** :meth:`status` never waits for the Raft thread: the Raft
    thread refreshes a snapshot of its state as it ticks, and a stalled Raft
    thread shows as ``healthy: False`` with ``stalled_for`` seconds, never as
    an error.
-7. **Fail-stop.** A snapshot that fails to load (the engine's ``on_fatal``)
+5. **Fail-stop.** A snapshot that fails to load (the engine's ``on_fatal``)
    stops the replica for good: a CRITICAL line, no more ticks (no peer hears
    from it, so it never counts toward a commit), role "failed", and
    ReplicaFailedError from propose and reads.
@@ -84,17 +67,23 @@ reproduce each hazard with the guard removed):
   is Fernet-encrypted and authenticated); whether a secret is required is
   decided by ``config.py`` (hazard 1).
 
-Durability: the journal is written through ``mmap`` and, by default, never
-flushed, so it survives a crash of the process (kill -9) but not of the
-machine: what the kernel had not yet written back (up to about 35 s with
-Linux's default ``vm.dirty_*`` settings) is lost, and so may be the
-term/vote file, which lets a node vote twice in a term. With ``fsync=True``
-every journal change is msync'ed before pysyncobj goes on (a follower
-acknowledges only flushed entries), and the term/vote file and the snapshot
-are fsync'ed with their directory, at about half the write rate. Still
-open in pysyncobj either way: the term/vote file is renamed before it is
-synced, and trimming the journal after a snapshot rewrites it in place, so
-a crash in that instant loses this node's entries past the snapshot.
+Durability: by default (``fsync=False``) the journal is written through
+``mmap`` and never flushed, so it survives a crash of the process (kill -9)
+but not of the machine: what the kernel had not yet written back (up to
+about 35 s with Linux's default ``vm.dirty_*`` settings) is lost, and so may
+be the term/vote file, which pysyncobj renames into place unsynced (a node
+could then vote twice in a term); trimming the journal after a snapshot
+rewrites it in place, so a crash in that instant loses this node's entries
+past the snapshot. With ``fsync=True`` (``raftfiles.FlushedJournal``, at
+about half the write rate) every journal change is msync'ed before
+pysyncobj goes on (a follower acknowledges only flushed entries); the
+term/vote file is replaced by temp file, fsync, rename and fsync of the
+directory before the vote that depends on it is sent; trimming writes the
+kept entries to a new journal, syncs it and renames it over the old one;
+and this node's own snapshot is fsync'ed before its rename, the directory
+after. Either way, a snapshot received from the leader is fsync'ed before
+it replaces the old one and its directory after (``engine.py``), and a
+journal left untrimmed at start is aligned by a durable rewrite.
 """
 
 from __future__ import annotations
@@ -107,7 +96,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -115,7 +103,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pysyncobj import SyncObjConf
-from pysyncobj.config import FAIL_REASON
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from raftcoord.errors import (
@@ -123,36 +110,24 @@ from raftcoord.errors import (
     InvalidInputError,
     RaftcoordError,
     ReplicaFailedError,
-    TimeoutError,
     UnavailableError,
-    UnknownOutcomeError,
     ValueFormatError,
 )
 from raftcoord.engine import Engine, Throttle
+from raftcoord.proposals import BARRIER, Barriers, Proposer
 from raftcoord.raftfiles import Dump, FlushedJournal, align_journal, decode_dump, encode_dump, fsync_path
-from raftcoord.values import encode_cbor
 from raftcoord.views import PriorityLock, ReadView, ViewRegistry
 
 if TYPE_CHECKING:
     from raftcoord.store import Applied, Store
 
-__all__ = ["Replica", "ReplicaSettings", "open_replica_backend"]
+__all__ = ["BARRIER", "Replica", "ReplicaSettings", "open_replica_backend"]  # BARRIER: callers import it here
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The command a read barrier commits; the store applies it as a no-op.
-BARRIER: Final = encode_cbor({"op": "barrier"})
-#: Outcomes that prove a command was not applied; any other failure
-#: (LEADER_CHANGED, UNKNOWN_OUTCOME, no answer) leaves it unknown (hazard 4).
-NOT_APPLIED: Final = frozenset(
-    {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
-     FAIL_REASON.DISCARDED, FAIL_REASON.REQUEST_DENIED}
-)
-_REASON_NAMES: Final = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 _ROLES: Final = {0: "follower", 1: "candidate", 2: "leader"}
-_BACKOFF: Final = (0.01, 0.25)  # first and longest pause between refused attempts
 #: Least seconds between two refreshes of the cached status (a refresh costs
 #: about 40 us; under load the Raft thread ticks thousands of times a second).
 _STATUS_EVERY: Final = 0.01
@@ -230,80 +205,6 @@ class ReplicaSettings:
 
 
 # --------------------------------------------------------------------------
-# Proposals and read barriers
-
-
-class _Proposal:
-    """The attempts of one ``propose`` call and what came back for them."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.current = 0  # the attempt being waited for
-        self.pending = 0  # attempts without an answer
-        self.ambiguous = False  # some attempt may have applied
-        self.error: int | None = None  # refusal of the current attempt
-        self.result: dict[str, Any] | None = None
-        self.closed = False
-
-    def start_attempt(self) -> Callable[[Any, int], None]:
-        with self.cond:
-            self.current += 1
-            self.pending += 1
-            self.error = None
-            attempt = self.current
-        fired = False
-
-        def callback(result: Any, reason: int) -> None:
-            nonlocal fired
-            with self.cond:
-                if fired:
-                    return
-                fired = True
-                self.pending -= 1
-                if reason == FAIL_REASON.SUCCESS:
-                    if self.result is None:
-                        self.result = result
-                elif reason not in NOT_APPLIED:
-                    self.ambiguous = True
-                if attempt == self.current and reason != FAIL_REASON.SUCCESS:
-                    self.error = reason
-                self.cond.notify_all()
-
-        return callback
-
-    def wait(self, until: float) -> str | int:
-        """"ok", "closed", "timeout", or the current attempt's failure code."""
-        with self.cond:
-            while True:
-                if self.result is not None:
-                    return "ok"
-                if self.closed:
-                    return "closed"
-                if self.error is not None:
-                    error, self.error = self.error, None
-                    return error
-                remaining = until - time.monotonic()
-                if remaining <= 0:
-                    return "timeout"
-                self.cond.wait(remaining)
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
-class _Round:
-    """One barrier shared by the readers that joined it before it started."""
-
-    def __init__(self) -> None:
-        self.deadline = 0.0
-        self.waiters = 0
-        self.done = threading.Event()
-        self.error: RaftcoordError | None = None
-
-
-# --------------------------------------------------------------------------
 # The replica
 
 
@@ -347,8 +248,9 @@ class Replica:
         self._on_restored = on_restored
         self._closed = False
         self._failed: str | None = None  # why the replica stopped for good (defect 8)
-        self._close_lock = threading.Lock()  # also guards _proposals, which close() walks
-        self._proposals: weakref.WeakSet[_Proposal] = weakref.WeakSet()
+        self._close_lock = threading.Lock()
+        self._proposer = Proposer(self._submit, retry_interval=settings.retry_interval,
+                                  max_command_bytes=settings.max_command_bytes, check_open=self._check_open)
         self._views = ViewRegistry(self._state_lock, lambda: self._store, check=self._check_open)
         self._status_cache: dict[str, Any] = {"backend": "raft", "self": self_address, "role": "starting"}
         self._status_at = 0.0  # when the Raft thread last refreshed _status_cache
@@ -359,7 +261,6 @@ class Replica:
         self._stop = threading.Event()
         self._leader_seen: tuple[Any, int] | None = None
         self._tick_errors = Throttle(10.0)
-        self._giveups = Throttle(5.0)
         self._dump_written = False
         self._startup_dump: tuple[tuple[int, int], Store] | None = None
 
@@ -381,14 +282,11 @@ class Replica:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._engine._poller.subscribe(self._wake_r, self._drain_wakeups, POLL_EVENT_TYPE.READ)
-        self._barrier_cond = threading.Condition()
-        self._barrier_next: _Round | None = None
-        self._barrier_thread = threading.Thread(target=self._run_barriers, name=f"raftcoord-barrier-{self_address}",
-                                                daemon=True)
+        self._barriers = Barriers(self.propose, name=f"raftcoord-barrier-{self_address}")
         self._thread = threading.Thread(target=self._run, name=f"raftcoord-raft-{self_address}", daemon=True)
         self._refresh_status()  # the Raft thread is not running yet: safe here
         self._thread.start()
-        self._barrier_thread.start()
+        self._barriers.start()
 
     def _start_engine(self, partners: list[str], password: str | None, bind: str | None) -> Engine:
         s = self.settings
@@ -532,12 +430,10 @@ class Replica:
             if self._failed is not None:
                 return
             self._failed = reason or "fatal error"
-            pending = list(self._proposals)
         log.critical("replica %s stopped: %s. It answers no peer and serves no request until restarted; "
                      "if it fails again, restore its data directory from a healthy node",
                      self.self_address or "(non-voting)", self._failed)
-        for p in pending:
-            p.close()
+        self._proposer.close()
 
     def _apply(self, command: bytes) -> dict[str, Any]:
         """The replicated method's body; runs on the Raft thread; never raises."""
@@ -687,81 +583,18 @@ class Replica:
         """Commit ``command``, apply it here, and return the store's result.
 
         Raises UnavailableError or TimeoutError when the command certainly did
-        not apply, UnknownOutcomeError when it may have (see the module doc).
-        Refusals that prove the command did not apply are always retried;
-        with ``retry_ambiguous=False`` an ambiguous outcome is raised at once
-        and an unanswered attempt is waited for until the deadline, never
-        proposed twice.
+        not apply, UnknownOutcomeError when it may have; ``retry_ambiguous``
+        is as for :meth:`raftcoord.proposals.Proposer.propose`.
         """
-        if not isinstance(command, (bytes, bytearray, memoryview)):
-            raise InvalidInputError("a command must be bytes", field="command")
-        command = bytes(command)
-        if len(command) > self.settings.max_command_bytes:
-            raise InvalidInputError(f"command of {len(command)} bytes exceeds the limit of "
-                                    f"{self.settings.max_command_bytes}", field="command")
-        self._check_open()
         if threading.current_thread() is self._thread:
             raise RuntimeError("propose() on the raft thread (e.g. in a listener) would wait for itself")
-        deadline = time.monotonic() + timeout
-        p = _Proposal()
-        with self._close_lock:  # close() and _fail() walk the set (defect 15)
-            self._proposals.add(p)
-            if self._closed or self._failed is not None:
-                p.close()
-        refusal: int | None = None
-        backoff = _BACKOFF[0]
-        attempts = 0
-        while True:
-            attempts += 1
-            callback = p.start_attempt()
-            try:
-                self._engine.apply(command, callback=callback)
-                if self.settings.batch_appends:
-                    self._wake()  # unbatched, pysyncobj wakes its own thread
-            except Exception:  # noqa: BLE001 - e.g. the engine is being destroyed
-                log.exception("handing a command to the raft engine failed")
-                callback(None, FAIL_REASON.QUEUE_FULL)
-            until = min(deadline, time.monotonic() + self.settings.retry_interval) if retry_ambiguous else deadline
-            outcome = p.wait(until)
-            if outcome == "ok":
-                return p.result  # type: ignore[return-value]
-            if outcome == "closed":
-                break
-            if outcome == "timeout":
-                if not retry_ambiguous or time.monotonic() >= deadline:
-                    break
-                log.debug("attempt %d unanswered after %.1f s; proposing the same bytes again",
-                          attempts, self.settings.retry_interval)
-                continue
-            log.debug("attempt %d refused: %s", attempts, _REASON_NAMES.get(outcome, outcome))
-            if outcome in NOT_APPLIED:
-                refusal = outcome
-            elif not retry_ambiguous:
-                break
-            pause = p.wait(min(deadline, time.monotonic() + backoff))  # a late success still counts
-            if pause == "ok":
-                return p.result  # type: ignore[return-value]
-            if pause == "closed" or time.monotonic() >= deadline:
-                break
-            backoff = min(2 * backoff, _BACKOFF[1])
-        with p.cond:
-            if p.result is not None:
-                return p.result
-            maybe = p.ambiguous or p.pending > 0
-        if self._giveups():
-            log.warning("gave up on a proposal after %d attempts (%s); %d more not logged", attempts,
-                        "outcome unknown" if maybe else _REASON_NAMES.get(refusal, "closed"),
-                        self._giveups.take())
-        if maybe:
-            raise UnknownOutcomeError(f"the command may or may not have been applied "
-                                      f"({attempts} attempts in {timeout:g} s)")
-        if p.closed:
-            self._check_open()
-            raise UnavailableError("the replica is closed")
-        if refusal in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
-            raise UnavailableError(f"no raft leader within {timeout:g} s; the command was not applied")
-        raise TimeoutError(f"the command was not applied within {timeout:g} s "
-                           f"(last refusal: {_REASON_NAMES.get(refusal, refusal)})")
+        return self._proposer.propose(command, timeout, retry_ambiguous=retry_ambiguous)
+
+    def _submit(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Hand one attempt of a proposal to the engine (the Proposer's ``submit``)."""
+        self._engine.apply(command, callback=callback)
+        if self.settings.batch_appends:
+            self._wake()  # unbatched, pysyncobj wakes its own thread
 
     # ----------------------------------------------------------------- reads
 
@@ -774,34 +607,7 @@ class Replica:
         ``timeout`` seconds, e.g. on a leader cut off from the majority.
         """
         self._check_open()
-        deadline = time.monotonic() + timeout
-        with self._barrier_cond:
-            rnd = self._barrier_next
-            if rnd is None:
-                rnd = self._barrier_next = _Round()
-                self._barrier_cond.notify_all()
-            rnd.deadline = max(rnd.deadline, deadline)
-            rnd.waiters += 1
-        if not rnd.done.wait(max(0.0, deadline - time.monotonic())):
-            raise TimeoutError(f"read barrier not applied within {timeout:g} s")
-        if rnd.error is not None:
-            raise rnd.error
-
-    def _run_barriers(self) -> None:
-        while True:
-            with self._barrier_cond:
-                while self._barrier_next is None and not self._closed:
-                    self._barrier_cond.wait()
-                rnd, self._barrier_next = self._barrier_next, None
-            if rnd is None:
-                return
-            try:
-                self.propose(BARRIER, max(0.0, rnd.deadline - time.monotonic()))
-            except UnknownOutcomeError as exc:
-                rnd.error = TimeoutError(f"read barrier not applied in time: {exc.message}")
-            except RaftcoordError as exc:
-                rnd.error = exc
-            rnd.done.set()
+        self._barriers.wait(timeout)
 
     def read(self, fn: Callable[[Store], T], *, consistency: str = "linearizable", timeout: float = 10.0) -> T:
         """Run ``fn(store)`` on this replica's store and return what it returns.
@@ -891,17 +697,12 @@ class Replica:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._proposals)  # under the lock: propose() adds from other threads
-        for p in pending:
-            p.close()
-        with self._barrier_cond:
-            self._barrier_cond.notify_all()
+        self._proposer.close()
+        self._barriers.close()  # its proposal in flight, if any, ended just now
         self._stop.set()
         self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        if threading.current_thread() is not self._barrier_thread:
-            self._barrier_thread.join()
 
     def __enter__(self) -> Replica:
         return self

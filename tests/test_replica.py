@@ -31,6 +31,7 @@ from replica_support.procs import NodeProcess
 from replica_support.proxy import FaultProxy
 
 import raftcoord.engine as engine_mod
+import raftcoord.proposals as proposals_mod
 import raftcoord.raftfiles as raftfiles
 import raftcoord.replica as replica_mod
 from raftcoord.errors import (
@@ -305,7 +306,7 @@ def test_concurrent_readers_share_barrier_rounds(cluster: Cluster) -> None:
     others = [threading.Thread(target=reader) for _ in range(31)]
     for t in others:
         t.start()
-    wait_for(lambda: r._barrier_next is not None and r._barrier_next.waiters == 31, 5, "31 readers waiting")
+    wait_for(lambda: r._barriers.waiting == 31, 5, "31 readers waiting")
     gate.set()
     for t in [first, *others]:
         t.join(10)
@@ -1050,9 +1051,9 @@ def test_issue6_d15_close_while_other_threads_propose(cluster: Cluster, monkeypa
     r = cluster.replica(addrs[0], addrs)  # its partner never starts: no leader, proposals keep retrying
     # Widen the windows a thread switch opens: between a proposer's check that the
     # replica is open and its registration, and between the items close() walks.
-    r._proposals = _SlowIterWeakSet()
-    real_init = replica_mod._Proposal.__init__
-    monkeypatch.setattr(replica_mod._Proposal, "__init__", lambda self: (real_init(self), time.sleep(0.01))[0])
+    r._proposer._pending = _SlowIterWeakSet()
+    real_init = proposals_mod.Proposal.__init__
+    monkeypatch.setattr(proposals_mod.Proposal, "__init__", lambda self: (real_init(self), time.sleep(0.01))[0])
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -1070,7 +1071,7 @@ def test_issue6_d15_close_while_other_threads_propose(cluster: Cluster, monkeypa
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: len(r._proposals) >= 8, 5, "proposals in flight")
+        wait_for(lambda: len(r._proposer._pending) >= 8, 5, "proposals in flight")
         r.close()
     finally:
         stop.set()
