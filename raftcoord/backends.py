@@ -35,7 +35,11 @@ class Backend(Protocol):
     A backend may set ``proposes_once = True`` to promise that ``propose``
     hands the bytes to the state machine at most once per call (no internal
     retry); the coordinator then knows that a request refused for an expired
-    session never applied, and sends it again under a new session.
+    session never applied, and sends it again under a new session. A backend
+    that retries internally may instead set ``reports_attempts = True`` and
+    accept ``propose(..., report=dict)``, setting ``report["single"]`` to
+    whether only one attempt can have reached the state machine, which
+    tells the coordinator the same for that one call.
     """
 
     def propose(self, command: bytes, *, timeout: float) -> dict[str, Any]:

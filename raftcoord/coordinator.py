@@ -273,8 +273,9 @@ class Coordinator:
                 seq = next(self._seq)
                 self._in_flight.add(seq)
                 low = min(self._in_flight)
+            report: dict[str, Any] = {}
             try:
-                result = self._propose({**command, "req": [session, seq, low]}, deadline)
+                result = self._propose({**command, "req": [session, seq, low]}, deadline, report)
             finally:
                 with self._lock:
                     self._in_flight.discard(seq)
@@ -282,7 +283,8 @@ class Coordinator:
             if code not in _AMBIGUOUS_CODES:
                 return _raise_error(result)
             self._drop_session(session)
-            if code == "duplicate_request" or not getattr(self._backend, "proposes_once", False):
+            single = report.get("single", getattr(self._backend, "proposes_once", False))
+            if code == "duplicate_request" or not single:
                 # The replica may have proposed these bytes more than once,
                 # and an earlier attempt may have applied before the session
                 # (or its result) was forgotten: sending it again could apply
@@ -299,13 +301,18 @@ class Coordinator:
                 )
             log.info("client session %s expired before its one attempt applied; registering a new one", session)
 
-    def _propose(self, command: Mapping[str, Any], deadline: float) -> dict[str, Any]:
+    def _propose(
+        self, command: Mapping[str, Any], deadline: float, report: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         data = encode_cbor(dict(command))
         if len(data) > MAX_COMMAND_BYTES:
             raise CommandError(
                 f"request of {len(data)} bytes exceeds the limit of {MAX_COMMAND_BYTES}", field="value"
             )
-        return self._backend.propose(data, timeout=max(0.0, deadline - time.monotonic()))
+        timeout = max(0.0, deadline - time.monotonic())
+        if report is not None and getattr(self._backend, "reports_attempts", False):
+            return self._backend.propose(data, timeout=timeout, report=report)
+        return self._backend.propose(data, timeout=timeout)
 
     def new_session(self, *, timeout: float | None = None) -> str:
         """Register a new client session with the state machine and return its id.

@@ -90,6 +90,7 @@ class Proposal:
         self.current = 0  # the attempt being waited for
         self.pending = 0  # attempts without an answer
         self.ambiguous = False  # some attempt may have applied
+        self.refused = 0  # attempts refused in a way that proves they did not apply
         self.error: int | None = None  # refusal of the current attempt
         self.result: dict[str, Any] | None = None
         self.closed = False
@@ -115,11 +116,23 @@ class Proposal:
                         self.result = result
                 elif reason not in NOT_APPLIED:
                     self.ambiguous = True
+                else:
+                    self.refused += 1
                 if attempt == self.current and reason != FAIL_REASON.SUCCESS:
                     self.error = reason
                 self.cond.notify_all()
 
         return callback
+
+    @property
+    def single(self) -> bool:
+        """True when at most one attempt can have reached the state machine.
+
+        Every other attempt was refused in a way that proves it did not
+        apply; so a result came from the only one that may have.
+        """
+        with self.cond:
+            return self.current - self.refused <= 1
 
     def wait(self, until: float) -> str | int:
         """"ok", "closed", "timeout", or the current attempt's failure code."""
@@ -173,7 +186,8 @@ class Proposer:
         for p in pending:
             p.close()
 
-    def propose(self, command: bytes, timeout: float, *, retry_ambiguous: bool = True) -> dict[str, Any]:
+    def propose(self, command: bytes, timeout: float, *, retry_ambiguous: bool = True,
+                report: dict[str, Any] | None = None) -> dict[str, Any]:
         """Commit ``command``, wait until it is applied here, and return the store's result.
 
         Raises UnavailableError or TimeoutError when the command certainly did
@@ -181,7 +195,10 @@ class Proposer:
         Refusals that prove the command did not apply are always retried;
         with ``retry_ambiguous=False`` an ambiguous outcome is raised at once
         and an unanswered attempt is waited for until the deadline, never
-        proposed twice.
+        proposed twice. With ``report``, ``report["single"]`` tells on return
+        whether only one attempt can have reached the state machine (so a
+        refusal in the result, such as an expired session, proves the command
+        was not applied by any attempt).
         """
         if not isinstance(command, (bytes, bytearray, memoryview)):
             raise InvalidInputError("a command must be bytes", field="command")
@@ -210,7 +227,7 @@ class Proposer:
             until = min(deadline, time.monotonic() + self._retry_interval) if retry_ambiguous else deadline
             outcome = p.wait(until)
             if outcome == "ok":
-                return p.result  # type: ignore[return-value]
+                return _answered(p, report)
             if outcome == "closed":
                 break
             if outcome == "timeout":
@@ -226,14 +243,15 @@ class Proposer:
                 break
             pause = p.wait(min(deadline, time.monotonic() + backoff))  # a late success still counts
             if pause == "ok":
-                return p.result  # type: ignore[return-value]
+                return _answered(p, report)
             if pause == "closed" or time.monotonic() >= deadline:
                 break
             backoff = min(2 * backoff, _BACKOFF[1])
         with p.cond:
-            if p.result is not None:
-                return p.result
+            answered = p.result is not None
             maybe = p.ambiguous or p.pending > 0
+        if answered:
+            return _answered(p, report)
         if self._giveups():
             log.warning("gave up on a proposal after %d attempts (%s); %d more not logged", attempts,
                         "outcome unknown" if maybe else _REASON_NAMES.get(refusal, "closed"),
@@ -248,6 +266,12 @@ class Proposer:
             raise UnavailableError(f"no raft leader within {timeout:g} s; the command was not applied")
         raise TimeoutError(f"the command was not applied within {timeout:g} s "
                            f"(last refusal: {_REASON_NAMES.get(refusal, refusal)})")
+
+
+def _answered(p: Proposal, report: dict[str, Any] | None) -> dict[str, Any]:
+    if report is not None:
+        report["single"] = p.single
+    return p.result  # type: ignore[return-value]
 
 
 class BarrierRound:

@@ -579,16 +579,20 @@ class Replica:
 
     # ---------------------------------------------------------------- writes
 
-    def propose(self, command: bytes, timeout: float, *, retry_ambiguous: bool = True) -> dict[str, Any]:
+    #: ``propose(..., report=)`` tells whether one attempt alone can have applied.
+    reports_attempts = True
+
+    def propose(self, command: bytes, timeout: float, *, retry_ambiguous: bool = True,
+                report: dict[str, Any] | None = None) -> dict[str, Any]:
         """Commit ``command``, apply it here, and return the store's result.
 
         Raises UnavailableError or TimeoutError when the command certainly did
         not apply, UnknownOutcomeError when it may have; ``retry_ambiguous``
-        is as for :meth:`raftcoord.proposals.Proposer.propose`.
+        and ``report`` are as for :meth:`raftcoord.proposals.Proposer.propose`.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("propose() on the raft thread (e.g. in a listener) would wait for itself")
-        return self._proposer.propose(command, timeout, retry_ambiguous=retry_ambiguous)
+        return self._proposer.propose(command, timeout, retry_ambiguous=retry_ambiguous, report=report)
 
     def _submit(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
         """Hand one attempt of a proposal to the engine (the Proposer's ``submit``)."""

@@ -424,3 +424,43 @@ def _config_knows(name: str) -> bool:
     from raftcoord.config import ClusterConfig
 
     return name in getattr(ClusterConfig, "__dataclass_fields__", {})
+
+
+def test_issue6_d9_idle_session_evicted_on_a_real_replica_is_resent_not_unknown(tmp_path: Path) -> None:
+    """On a real replica, a write whose one attempt met an evicted session is sent again, not reported unknown.
+
+    The replica tells the coordinator (``report["single"]``) that only one
+    attempt reached the log, so the refusal proves nothing was applied.
+    """
+    from replica_support import free_port, wait_for
+
+    from raftcoord.replica import Replica
+
+    replica = Replica(f"127.0.0.1:{free_port()}", [], tmp_path / "r", password=None, state_machine=TinyStore)
+    coord = Coordinator(replica, host="n1")
+    try:
+        wait_for(lambda: replica.status().get("leader"), 15, "a leader")
+        coord.put(b"k", b"v1")
+        for _ in range(TinyStore.max_sessions):  # other clients' sessions push this one out
+            assert replica.propose(encode_cbor({"op": "session"}), 5)["ok"]
+        coord.put(b"k", b"v2")
+        kv = coord.get_kv(b"k")
+        assert kv is not None and (kv.value, kv.version) == (b"v2", 2)
+    finally:
+        coord.close()
+
+
+def test_proposal_reports_whether_one_attempt_alone_can_have_applied() -> None:
+    """Proposal.single: refused-not-applied attempts do not count; an ambiguous one does."""
+    from pysyncobj.config import FAIL_REASON
+
+    from raftcoord.proposals import Proposal
+
+    p = Proposal()
+    p.start_attempt()(None, FAIL_REASON.MISSING_LEADER)
+    p.start_attempt()({"ok": True}, FAIL_REASON.SUCCESS)
+    assert p.single
+    q = Proposal()
+    q.start_attempt()(None, FAIL_REASON.LEADER_CHANGED)
+    q.start_attempt()({"ok": True}, FAIL_REASON.SUCCESS)
+    assert not q.single
