@@ -277,6 +277,54 @@ def node(ctx: click.Context, node_config: str | None, name: str, log_level: str)
 
 
 @main.command()
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True, help="Nodes in the cluster.")
+@click.option("--duration", type=click.FloatRange(1, 86400), default=60.0, show_default=True,
+              help="Seconds of faults.")
+@click.option("--faults", default="kill,pause,partition", show_default=True,
+              help="Comma-separated fault kinds: kill, kill-leader, kill-majority, pause, partition, delay, drop.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Seed of the fault schedule and the workload (default: a random one, printed).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where a failing run writes its history and report (default: a new temporary directory).")
+@click.option("--network", type=click.Choice(["auto", "netns", "proxy"]), default="auto", show_default=True,
+              help="Partitions through network namespaces (root) or a proxy on the raft ports.")
+@click.option("--max-ops", type=click.IntRange(1, 10**7), default=None,
+              help="Register operations at most (default: 100 per second, at most 30,000).")
+@click.option("-v", "--verbose", is_flag=True, help="Log the run's progress to stderr.")
+def chaos(nodes: int, duration: float, faults: str, seed: int | None, out: str | None, network: str,
+          max_ops: int | None, verbose: bool) -> None:
+    """Run the fault suite: a real cluster under faults, then every check; prints one JSON line.
+
+    Starts NODES node processes, runs register, message and durability
+    workloads against them while injecting faults for DURATION seconds,
+    heals, kills and restarts the whole cluster, and checks linearizability,
+    message order, recovery, durability and agreement. Exit code 0 when every
+    check passed, 1 otherwise (the history and a report are then written).
+    """
+    import random
+    from pathlib import Path
+
+    from raftcoord.chaos import runner
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("raftcoord.client").setLevel(logging.WARNING)
+    options = runner.ChaosOptions(
+        nodes=nodes,
+        duration=duration,
+        faults=[k.strip() for k in faults.split(",") if k.strip()],
+        seed=random.SystemRandom().randrange(2**31) if seed is None else seed,
+        out=Path(out) if out else None,
+        netns={"auto": None, "netns": True, "proxy": False}[network],
+        max_ops=max_ops,
+    )
+    summary = runner.sigterm_as_interrupt(lambda: runner.run(options))
+    click.echo(json.dumps(summary, sort_keys=False))
+    if not summary["ok"]:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:

@@ -22,6 +22,7 @@ Routes (etcd's gateway routes take POST with a JSON body)::
                                  -> {"messages", "more", "revision", "clock", "floor"}
     POST /raftcoord/v1/messages  {"type", "event"?, "payload"?} -> {"message"}
     POST /raftcoord/v1/session   {}                 -> {"client"}
+    GET  /raftcoord/v1/digest    {"revision", "applied", "sha256"} of this replica's snapshot
 
 Other ``/v3/`` paths (watch, leases, auth, ...) answer 501. etcd routes
 read linearizably unless the request says ``serializable``; raftcoord's GET
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -87,7 +89,14 @@ from raftcoord.config import (
     stable_id,
 )
 from raftcoord.coordinator import Coordinator
-from raftcoord.errors import AuthError, CompactedError, InvalidInputError, RaftcoordError, RequestTooLargeError
+from raftcoord.errors import (
+    AuthError,
+    CompactedError,
+    InvalidInputError,
+    LimitExceededError,
+    RaftcoordError,
+    RequestTooLargeError,
+)
 from raftcoord.httpserve import HEADER_TIMEOUT, MAX_CONNECTIONS, REFUSAL_LOG_BURST, Throttle, one_line, serve
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, MessageKey, prefix_end
 from raftcoord.store import KeyValue, Store
@@ -124,6 +133,9 @@ MAX_JSON_DEPTH: Final = 64
 DEFAULT_MESSAGE_LIMIT: Final = 1000
 MAX_MESSAGE_LIMIT: Final = 10000
 WORKER_THREADS: Final = 32
+#: The most keys a store may hold for GET /raftcoord/v1/digest: the snapshot is
+#: encoded under the state lock, which the Raft thread waits on meanwhile.
+DIGEST_MAX_KEYS = 100_000
 
 _ETCD_POST_ROUTES: Final = (
     "/v3/kv/range",
@@ -187,6 +199,7 @@ def make_app(
     app.router.add_get("/raftcoord/v1/messages", endpoint.get_messages)
     app.router.add_post("/raftcoord/v1/messages", endpoint.post_message)
     app.router.add_post("/raftcoord/v1/session", endpoint.session)
+    app.router.add_get("/raftcoord/v1/digest", endpoint.digest)
     app.router.add_route("*", "/v3/{tail:.*}", endpoint.unimplemented)
     app.on_cleanup.append(endpoint.cleanup)
     return app
@@ -624,6 +637,30 @@ class _Endpoint:
         args = (body["type"], body.get("event"), body.get("payload"))
         message = await self.run(lambda: self.coord.post_message(*args, req=req))
         return web.json_response({"message": to_json(message.to_map())})
+
+    async def digest(self, request: web.Request) -> web.Response:
+        """GET /raftcoord/v1/digest: this replica's revision, applied count and snapshot sha256.
+
+        Always the local state (a linearizable read would append a barrier to
+        the log and so move ``applied``): replicas that applied the same
+        number of commands must report the same sha256 (issue 7, agreement).
+        """
+        _check_query(request, ())
+
+        def read(store: Store) -> tuple[int, int, bytes]:
+            if len(store) > DIGEST_MAX_KEYS:
+                raise LimitExceededError(
+                    f"digest: the store holds {len(store)} keys, more than {DIGEST_MAX_KEYS}, "
+                    "too many to encode under the state lock",
+                    field="keys",
+                )
+            return store.revision, store.applied, store.snapshot()
+
+        def work() -> dict[str, Any]:
+            revision, applied, snapshot = self.coord.read(read, consistency="serializable")
+            return {"revision": revision, "applied": applied, "sha256": hashlib.sha256(snapshot).hexdigest()}
+
+        return await self.run_json(work)
 
 
 class RefusalLog:

@@ -1047,3 +1047,38 @@ def test_issue6_d15_non_finite_json_number_refused(number: str) -> None:
             assert api.post("/raftcoord/v1/messages", {"type": "U", "payload": 1.5e300})[0] == 200
         finally:
             api.close()
+
+
+# ------------------------------------------------------------ digest (issue 7)
+
+
+def test_digest_is_the_sha256_of_the_local_snapshot(coord: Coordinator, api: Api) -> None:
+    """GET /raftcoord/v1/digest: revision, applied and the sha256 of the store's canonical snapshot."""
+    import hashlib
+
+    put(api, "a", "1")
+    coord.post_message("U", "C", {"id": 1})
+    out = api.ok("/raftcoord/v1/digest")
+    snapshot, revision, applied = coord.read(lambda s: (s.snapshot(), s.revision, s.applied),
+                                             consistency="serializable")
+    assert out == {"revision": revision, "applied": applied, "sha256": hashlib.sha256(snapshot).hexdigest()}
+    assert out["applied"] >= 2
+    # Reading it changes nothing: it is a local read, not a barrier through the log.
+    assert api.ok("/raftcoord/v1/digest") == out
+    put(api, "a", "2")
+    after = api.ok("/raftcoord/v1/digest")
+    assert after["sha256"] != out["sha256"] and after["applied"] > out["applied"]
+
+
+def test_digest_refused_over_max_keys(coord: Coordinator, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DIGEST_MAX_KEYS keys the digest is refused with 400, since it is taken under the state lock."""
+    from raftcoord import endpoint
+
+    monkeypatch.setattr(endpoint, "DIGEST_MAX_KEYS", 2)
+    put(api, "a", "1")
+    put(api, "b", "1")
+    assert api.get("/raftcoord/v1/digest")[0] == 200
+    put(api, "c", "1")
+    status, out = api.get("/raftcoord/v1/digest")
+    assert status == 400 and out["code"] == "limit_exceeded" and "more than 2," in out["message"], out
+    assert api.get("/raftcoord/v1/digest?consistency=linearizable")[1]["field"] == "consistency"
