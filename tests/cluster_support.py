@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,22 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raftcoord.chaos.cluster import free_ports
 from raftcoord.client import Client
 from raftcoord.errors import RaftcoordError
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -58,7 +58,7 @@ from raftcoord.chaos.faultproxy import ProxyNetwork
 from raftcoord.client import Client
 from raftcoord.errors import RaftcoordError
 
-__all__ = ["ChaosCluster", "ClusterUnhealthyError", "NetworkUnsupportedError"]
+__all__ = ["ChaosCluster", "ClusterUnhealthyError", "NetworkUnsupportedError", "free_ports"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class NetworkUnsupportedError(RuntimeError):
     """The chosen network cannot make this fault."""
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports on 127.0.0.1 that were free a moment ago."""
     socks = []
     try:
         for _ in range(n):
@@ -177,7 +178,7 @@ class ChaosCluster:
             self.raft = {n: f"{self._net.addr[n]}:{_RAFT_PORT}" for n in self.names}
             self.client_addr = {n: f"{self._net.addr[n]}:{_CLIENT_PORT}" for n in self.names}
             return
-        ports = _free_ports(3 * nodes)
+        ports = free_ports(3 * nodes)
         self.raft = {n: f"127.0.0.1:{ports[3 * i]}" for i, n in enumerate(self.names)}
         self._bind = {n: f"127.0.0.1:{ports[3 * i + 1]}" for i, n in enumerate(self.names)}
         self.client_addr = {n: f"127.0.0.1:{ports[3 * i + 2]}" for i, n in enumerate(self.names)}
