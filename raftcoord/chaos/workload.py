@@ -258,43 +258,76 @@ class Registers:
 # ----------------------------------------------------------------- messages
 
 
-class Messages:
-    """Posts messages whose payload carries a unique id, and remembers their fate."""
+class _Tally:
+    """A workload of one-shot writes: each is acknowledged, refused, or of unknown outcome.
 
-    def __init__(self, run: str, *, budget: Budget, think: float = 0.02) -> None:
-        self.run = run
+    Subclasses name the workload (``what``) and say how one write goes
+    (:meth:`_send`: returns what to remember for an acknowledged write).
+    """
+
+    what = "workload"
+
+    def __init__(self, *, budget: Budget, think: float) -> None:
         self.budget = budget
         self.think = think
-        self.acked: dict[str, int] = {}  # payload id -> the clock the post was acknowledged with
+        self.acked: dict[str, Any] = {}
         self.unknown: set[str] = set()
         self.failed = 0
         self._lock = threading.Lock()
 
     @property
     def attempted(self) -> int:
-        """Posts sent (acknowledged, unknown or refused)."""
+        """Writes sent (acknowledged, unknown or refused)."""
         with self._lock:
             return len(self.acked) + len(self.unknown) + self.failed
 
+    def _ident(self, name: str, seq: int) -> str:
+        """The unique id of a worker's ``seq``-th write."""
+        raise NotImplementedError
+
+    def _send(self, client: Client, ident: str) -> Any:
+        """Make the write ``ident``; return what to remember of it once acknowledged."""
+        raise NotImplementedError
+
     def worker(self, client: Client, name: str, stop: threading.Event, rng: random.Random) -> None:
-        """Post until ``stop`` or the budget is spent (a thread's target)."""
+        """Write until ``stop`` or the budget is spent (a thread's target)."""
         for seq in itertools.count(1):
             if stop.is_set() or not self.budget.take():
                 return
-            ident = f"{name}-{seq}"
+            ident = self._ident(name, seq)
             try:
-                message = client.post(MESSAGE_TYPE, "C", {"chaos": self.run, "id": ident})
+                remembered = self._send(client, ident)
                 with self._lock:
-                    self.acked[ident] = int(message["clock"])
+                    self.acked[ident] = remembered
             except Exception as exc:  # noqa: BLE001 - every failure is an outcome to record
                 if not isinstance(exc, RaftcoordError):
-                    _log_once("message workload", exc)
+                    _log_once(self.what, exc)
                 with self._lock:
                     if outcome(exc) == "fail":
                         self.failed += 1
                     else:
                         self.unknown.add(ident)
             _pause(stop, rng, self.think)
+
+
+class Messages(_Tally):
+    """Posts messages whose payload carries a unique id, and remembers their fate.
+
+    ``acked`` maps a payload id to the clock the post was acknowledged with.
+    """
+
+    what = "message workload"
+
+    def __init__(self, run: str, *, budget: Budget, think: float = 0.02) -> None:
+        super().__init__(budget=budget, think=think)
+        self.run = run
+
+    def _ident(self, name: str, seq: int) -> str:
+        return f"{name}-{seq}"
+
+    def _send(self, client: Client, ident: str) -> int:
+        message = client.post(MESSAGE_TYPE, "C", {"chaos": self.run, "id": ident})
+        return int(message["clock"])
 
 
 def message_entries(messages: Sequence[Mapping[str, Any]], run: str) -> list[tuple[int, str | None]]:
@@ -485,42 +518,22 @@ def poll_agreement(clients: Mapping[str, tuple[Client, str]], *, timeout: float 
 # --------------------------------------------------------------- durability
 
 
-class Durable:
-    """Writes keys that are never written again; remembers the acknowledged ones."""
+class Durable(_Tally):
+    """Writes keys that are never written again; ``acked`` maps each acknowledged key to its value."""
+
+    what = "durability workload"
 
     def __init__(self, *, budget: Budget, think: float = 0.05) -> None:
-        self.budget = budget
-        self.think = think
-        self.acked: dict[str, str] = {}
-        self.unknown: set[str] = set()
-        self.failed = 0
-        self._lock = threading.Lock()
+        super().__init__(budget=budget, think=think)
 
-    @property
-    def attempted(self) -> int:
-        """Writes sent (acknowledged, unknown or refused)."""
-        with self._lock:
-            return len(self.acked) + len(self.unknown) + self.failed
+    def _ident(self, name: str, seq: int) -> str:
+        return f"{DURABLE_PREFIX}{name}-{seq}"
 
-    def worker(self, client: Client, name: str, stop: threading.Event, rng: random.Random) -> None:
-        """Write fresh keys until ``stop`` or the budget is spent (a thread's target)."""
-        for seq in itertools.count(1):
-            if stop.is_set() or not self.budget.take():
-                return
-            key, value = f"{DURABLE_PREFIX}{name}-{seq}", f"{name}.{seq}"
-            try:
-                client.put(key.encode("utf-8"), value.encode("utf-8"))
-                with self._lock:
-                    self.acked[key] = value
-            except Exception as exc:  # noqa: BLE001 - every failure is an outcome to record
-                if not isinstance(exc, RaftcoordError):
-                    _log_once("durability workload", exc)
-                with self._lock:
-                    if outcome(exc) == "fail":
-                        self.failed += 1
-                    else:
-                        self.unknown.add(key)
-            _pause(stop, rng, self.think)
+    def _send(self, client: Client, key: str) -> str:
+        name, seq = key[len(DURABLE_PREFIX):].rsplit("-", 1)
+        value = f"{name}.{seq}"
+        client.put(key.encode("utf-8"), value.encode("utf-8"))
+        return value
 
 
 def check_durable(found: Mapping[str, Mapping[str, str]], acked: Mapping[str, str],
