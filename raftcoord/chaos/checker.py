@@ -228,6 +228,25 @@ def _search(items: list[_Item], initial: object, deadline: float) -> float | Non
         else:
             match[call_entry[i]] = e
     remaining = m // 2
+
+    def unlink(call: int) -> None:
+        """Take a call and its return out of the event list (dancing links)."""
+        nxt[prv[call]] = nxt[call]
+        prv[nxt[call]] = prv[call]
+        ret = match[call]
+        nxt[prv[ret]] = nxt[ret]
+        if nxt[ret] != -1:
+            prv[nxt[ret]] = prv[ret]
+
+    def relink(call: int) -> None:
+        """Undo :func:`unlink` (in reverse order, as dancing links require)."""
+        ret = match[call]
+        nxt[prv[ret]] = ret
+        if nxt[ret] != -1:
+            prv[nxt[ret]] = ret
+        nxt[prv[call]] = call
+        prv[nxt[call]] = call
+
     read_only = [it.code in _READ_ONLY for it in items]
     # An optional op placed just before a blind write is pointless: leaving it unplaced (and
     # free for later) reaches the same state with more options, so that order is skipped.
@@ -268,12 +287,7 @@ def _search(items: list[_Item], initial: object, deadline: float) -> float | Non
                     stack.append((f, state, 1))
                     linearized = config[0]
                     remaining -= 1
-                    nxt[prv[f]] = nxt[f]
-                    prv[nxt[f]] = prv[f]
-                    r = match[f]
-                    nxt[prv[r]] = nxt[r]
-                    if nxt[r] != -1:
-                        prv[nxt[r]] = prv[r]
+                    unlink(f)
                     fresh = True
                     continue
             e = nxt[0]
@@ -295,13 +309,7 @@ def _search(items: list[_Item], initial: object, deadline: float) -> float | Non
                     state = new_state
                     linearized = bits
                     remaining -= 1
-                    # Unlink the call and its return (dancing links; undone in reverse order).
-                    nxt[prv[e]] = nxt[e]
-                    prv[nxt[e]] = prv[e]
-                    r = match[e]
-                    nxt[prv[r]] = nxt[r]
-                    if nxt[r] != -1:
-                        prv[nxt[r]] = prv[r]
+                    unlink(e)
                     fresh = True
                     continue
             e = nxt[e]
@@ -338,12 +346,7 @@ def _search(items: list[_Item], initial: object, deadline: float) -> float | Non
                 break
             linearized &= ~(1 << op_of[top])
             remaining += 1
-            r = match[top]
-            nxt[prv[r]] = r
-            if nxt[r] != -1:
-                prv[nxt[r]] = r
-            nxt[prv[top]] = top
-            prv[nxt[top]] = top
+            relink(top)
             if not aux:
                 e = nxt[top]
                 j = -1
