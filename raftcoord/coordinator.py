@@ -6,11 +6,12 @@ and turns results back into values or exceptions. It owns what is local to a
 node and must not be replicated: the node's Lamport clock, the wall clock
 used for timestamps, request ids, and the observers of the message box.
 
-Observers run on one delivery thread per coordinator, never on the caller's
-thread nor the Raft thread: the backend hands each applied command's events
-to a queue in log order, and the delivery thread calls every observer for
-every message in clock order, exactly once (an observer remembers the last
-clock it saw, so a backlog and live messages cannot overlap).
+Observers and watches (``feeds.py``) each run on a thread of their own,
+never on the caller's thread nor the Raft thread: each pulls what lies past
+its position from the local store, woken by the apply path, so every
+message and every key change reaches it once, in log order, whether it was
+applied here or arrived in a snapshot from the leader. The apply path also
+merges every other node's message clock into this node's Lamport clock.
 
 Writes carry a request id ``[client, seq, lowest_outstanding]`` under a
 client session that the state machine registered and named (``{"op":
@@ -39,12 +40,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -62,17 +61,29 @@ from raftcoord.errors import (
     UnknownOutcomeError,
     error_from_code,
 )
+from raftcoord.feeds import WATCH_FILTERS, Observer, Wakeup, Watch, WatchEvent, WatchResponse, key_range
 from raftcoord.keys import NodeKey
 from raftcoord.ranges import read_range
-from raftcoord.store import MAX_COMMAND_BYTES, Applied, KeyValue, MessagePosted, RangeResult, Store
+from raftcoord.store import MAX_COMMAND_BYTES, Applied, KeyDeleted, KeyPut, KeyValue, MessagePosted, RangeResult, Store
 from raftcoord.transaction import Transaction
 from raftcoord.values import Message, NodeState, NodeStatus, encode_cbor
 
-__all__ = ["Backend", "Coordinator", "MemoryBackend", "Observer", "Reader", "Transaction"]
+__all__ = [
+    "Backend",
+    "Coordinator",
+    "MemoryBackend",
+    "Observer",
+    "Reader",
+    "Transaction",
+    "Watch",
+    "WatchEvent",
+    "WatchResponse",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+F = TypeVar("F", Observer, Watch)
 
 #: etcd's default limit of operations per transaction (``--max-txn-ops``).
 DEFAULT_MAX_TXN_OPS = 128
@@ -84,26 +95,6 @@ RANGE_PAGE = 1024
 SESSION_RETRIES = 2
 
 _AMBIGUOUS_CODES = frozenset({"session_expired", "duplicate_request"})
-
-
-@dataclass(eq=False)
-class Observer:
-    """A registered message observer; :meth:`close` unregisters it."""
-
-    callback: Callable[[Message], None]
-    include_own: bool
-    #: The clock of the last message this observer was handed (or skipped).
-    last_clock: int
-    _coordinator: Coordinator = field(repr=False)
-    closed: bool = False
-
-    def close(self) -> None:
-        """Stop delivering messages to this observer."""
-        self.closed = True
-        self._coordinator._remove_observer(self)
-
-
-_STOP = object()
 
 
 class Coordinator:
@@ -149,12 +140,16 @@ class Coordinator:
         self._session_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._in_flight: set[int] = set()
-        self._observers: list[Observer] = []
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._feeds: set[Observer | Watch] = set()
+        self._messages_posted = Wakeup()
+        self._keys_changed = Wakeup()
         self._closed = False
-        self._delivery = threading.Thread(target=self._deliver_loop, name=f"raftcoord-observers-{host}", daemon=True)
-        self._delivery.start()
         backend.add_listener(self._on_applied)
+        add_restore_listener = getattr(backend, "add_restore_listener", None)
+        if add_restore_listener is not None:
+            add_restore_listener(self._on_restored)
+        # A restarted node starts its clock past every message its store holds.
+        self._advance_clock(backend.read(lambda s: s.clock, consistency="serializable", timeout=timeout))
 
     # ----------------------------------------------------------- constructors
 
@@ -225,9 +220,13 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        if threading.current_thread() is not self._delivery:
-            self._delivery.join(timeout=5)
+        with self._lock:
+            feeds, self._feeds = list(self._feeds), set()
+        for feed in feeds:
+            feed.close()
+        deadline = time.monotonic() + 5
+        for feed in feeds:
+            feed._join(max(0.0, deadline - time.monotonic()))
         self._backend.close()
 
     def __enter__(self) -> Coordinator:
@@ -562,68 +561,133 @@ class Coordinator:
         return int(self.execute(cmd)["purged"])
 
     def add_observer(
-        self, callback: Callable[[Message], None], *, since: int | None = None, include_own: bool = False
+        self,
+        callback: Callable[[Message], None],
+        *,
+        since: int | None = None,
+        include_own: bool = False,
+        on_error: Callable[[BaseException], Any] | None = None,
     ) -> Observer:
         """Call ``callback(message)`` for every message from now on.
 
-        With ``since``, messages with a clock above it are delivered first
-        (raises :class:`CompactedError` if some were purged). Messages this
-        node posted are skipped unless ``include_own``. Callbacks run on the
-        coordinator's delivery thread, in clock order, each message once.
+        With ``since``, every kept message with a clock above it comes first
+        (raises :class:`CompactedError`, naming the oldest clock kept, if some
+        were purged). Messages this node posted are skipped unless
+        ``include_own``. Each observer has a thread of its own that reads the
+        local store in clock order, so every message arrives once, in order,
+        also those that came in a snapshot from the leader; a callback may
+        block or post messages itself, holding back only this observer. If
+        retention purges messages this observer has not had yet, it stops and
+        ``on_error`` gets the :class:`CompactedError` (resume with
+        ``since=observer.last_clock`` once the loss is dealt with).
         """
+        self._check_open()
+
+        def start_at(store: Store) -> int:
+            if since is None:
+                return store.clock
+            store.messages(since, limit=1)  # raises CompactedError below the floor
+            return since
+
+        observer = Observer(self, self._messages_posted, callback, since=self._feed_read(start_at),
+                            include_own=include_own, on_error=on_error)
+        return self._start_feed(observer)
+
+    def watch(
+        self,
+        key: bytes | str,
+        range_end: bytes | str | None = None,
+        *,
+        callback: Callable[[WatchResponse], None],
+        prefix: bool = False,
+        start_revision: int | None = None,
+        prev_kv: bool = False,
+        filters: Iterable[str] = (),
+        progress_interval: float | None = None,
+        on_error: Callable[[BaseException], Any] | None = None,
+    ) -> Watch:
+        """Call ``callback(response)`` for each revision that changes keys in a range.
+
+        ``key`` and ``range_end`` follow etcd: no ``range_end`` watches one
+        key, ``range_end`` b"\\0" every key from ``key`` on, ``prefix=True``
+        every key starting with ``key``. ``start_revision`` replays the kept
+        history from that revision (None or 0: from the next one); one older
+        than the kept history gives ``on_error`` a :class:`CompactedError`
+        with ``compact_revision`` and closes the watch. Each response holds
+        every matching event of one revision, in revision order, each once,
+        with ``prev_kv`` if asked; ``filters`` may drop "NOPUT" or "NODELETE"
+        events; with ``progress_interval`` an empty response reports the
+        revision reached whenever that many seconds pass without events. The
+        callback runs on the watch's own thread.
+        """
+        self._check_open()
+        start, end = key_range(_as_bytes(key, "key"), None if range_end is None else _as_bytes(range_end, "range_end"),
+                               prefix=prefix)
+        wanted = frozenset(filters)
+        if not wanted <= set(WATCH_FILTERS):
+            raise CommandError(f"watch filters must be among {WATCH_FILTERS}, got {sorted(wanted)}", field="filters")
+        if start_revision is not None and (isinstance(start_revision, bool) or not isinstance(start_revision, int)
+                                           or start_revision < 0):
+            raise CommandError(f"start_revision must be a revision, got {start_revision!r}", field="start_revision")
+        if progress_interval is not None and not progress_interval > 0:
+            raise CommandError("progress_interval must be positive", field="progress_interval")
+        first = start_revision or self._feed_read(lambda s: s.revision) + 1
+        watch = Watch(self, self._keys_changed, callback, key=start, end=end, start_revision=first,
+                      prev_kv=prev_kv, filters=wanted, progress_interval=progress_interval, on_error=on_error)
+        return self._start_feed(watch)
+
+    def _start_feed(self, feed: F) -> F:
+        with self._lock:
+            self._check_open()
+            self._feeds.add(feed)
+        feed._start()
+        return feed
+
+    def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError("the coordinator is closed")
 
-        def register(store: Store) -> Observer:
-            # Runs with no command being applied: the backlog is queued before
-            # any live message applied after it, so nothing is skipped.
-            backlog = store.messages(since) if since is not None else []
-            obs = Observer(callback, include_own, since if since is not None else store.clock, self)
-            with self._lock:
-                self._observers.append(obs)
-            if backlog:
-                self._queue.put(("backlog", obs, backlog))
-            return obs
+    def _feed_read(self, fn: Callable[[Store], T]) -> T:
+        """A local read for the feeds: the replica's own state, in log order."""
+        return self._backend.read(fn, consistency="serializable", timeout=self.timeout)
 
-        return self.read(register, consistency="serializable")
-
-    def _remove_observer(self, observer: Observer) -> None:
+    def _advance_clock(self, clock: int) -> None:
         with self._lock:
-            if observer in self._observers:
-                self._observers.remove(observer)
+            if clock > self._clock.value:
+                self._clock = LamportClock(clock)
 
     def _on_applied(self, applied: Applied) -> None:
-        # Runs on the apply path: only hand messages over, never call out.
-        messages = [e.message for e in applied.events if isinstance(e, MessagePosted)]
-        if messages:
-            self._queue.put(("live", None, messages))
-
-    def _deliver_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            kind, only, messages = item
-            for message in messages:
-                if kind == "live" and message.from_host != self.host:
+        # Runs on the apply path: merge clocks and wake the feeds, never call out.
+        posted = False
+        changed = False
+        for event in applied.events:
+            if isinstance(event, MessagePosted):
+                posted = True
+                if event.message.from_host != self.host and event.message.clock is not None:
                     with self._lock:
-                        self._clock.merge(message.clock)
-                with self._lock:
-                    targets = [only] if only is not None else list(self._observers)
-                for obs in targets:
-                    self._deliver(obs, message)
+                        self._clock.merge(event.message.clock)
+            elif isinstance(event, (KeyPut, KeyDeleted)):
+                changed = True
+        if posted:
+            self._messages_posted.bump()
+        if changed:
+            self._keys_changed.bump()
 
-    def _deliver(self, obs: Observer, message: Message) -> None:
-        assert message.clock is not None
-        if obs.closed or message.clock <= obs.last_clock:
-            return
-        obs.last_clock = message.clock
-        if message.from_host == self.host and not obs.include_own:
-            return
-        try:
-            obs.callback(message)
-        except Exception:
-            log.exception("observer %r failed on message clock %d; continuing", obs.callback, message.clock)
+    def _on_restored(self, store: Store) -> None:
+        # A snapshot from the leader replaced the store: its messages were
+        # never applied here one by one, so merge the clock they reached and
+        # let every feed read what is new.
+        self._advance_clock(store.clock)
+        self._messages_posted.bump()
+        self._keys_changed.bump()
+
+
+def _as_bytes(value: bytes | str, name: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise CommandError(f"{name} must be bytes or str, not {type(value).__name__}", field=name)
 
 
 def _raise_error(result: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ raftcoord (any other exception).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -151,10 +152,37 @@ class ConflictError(RaftcoordError):
 
 
 class CompactedError(RaftcoordError):
-    """The requested clock or revision is older than what is still kept."""
+    """The requested clock or revision is older than what is still kept.
+
+    ``oldest_clock`` is the clock of the oldest message still kept (a reader
+    of messages may resume from just below it); ``compact_revision`` is the
+    oldest revision a watch may still start from. Either is None when it
+    does not apply.
+    """
 
     http_status = 410
     code = "compacted"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        oldest_clock: int | None = None,
+        compact_revision: int | None = None,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.oldest_clock = oldest_clock
+        self.compact_revision = compact_revision
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as a mapping, with the oldest clock or revision kept."""
+        out = super().to_dict()
+        if self.oldest_clock is not None:
+            out["oldest_clock"] = self.oldest_clock
+        if self.compact_revision is not None:
+            out["compact_revision"] = self.compact_revision
+        return out
 
 
 class DuplicateRequestError(RaftcoordError):
@@ -227,7 +255,17 @@ def _all_subclasses(cls: type[RaftcoordError]) -> list[type[RaftcoordError]]:
 _BY_CODE: dict[str, type[RaftcoordError]] = {c.code: c for c in _all_subclasses(RaftcoordError)}
 
 
-def error_from_code(code: str, message: str, field: str | None = None) -> RaftcoordError:
-    """Rebuild an error from its ``code``, as carried in results and JSON bodies."""
+def error_from_code(
+    code: str, message: str, field: str | None = None, details: Mapping[str, Any] | None = None
+) -> RaftcoordError:
+    """Rebuild an error from its ``code``, as carried in results and JSON bodies.
+
+    ``details`` is the whole error mapping (what :meth:`RaftcoordError.to_dict`
+    gave); the fields a class carries beyond the message are taken from it.
+    """
     cls = _BY_CODE.get(code, RaftcoordError)
+    if cls is CompactedError and details is not None:
+        extra = {k: details[k] for k in ("oldest_clock", "compact_revision")
+                 if isinstance(details.get(k), int) and not isinstance(details.get(k), bool)}
+        return CompactedError(message, field=field, **extra)
     return cls(message, field=field)

@@ -218,7 +218,8 @@ class Replica:
     replica at a time may use it. ``password`` is the cluster secret.
     ``on_applied`` is a first listener (see :meth:`add_listener`);
     ``on_restored`` runs on the Raft thread after a snapshot from the leader
-    replaced the store, since no ``on_applied`` call tells of those changes.
+    replaced the store, since no ``on_applied`` call tells of those changes
+    (see :meth:`add_restore_listener` for listeners that take the new store).
     ``state_machine`` is the store class (default
     :class:`raftcoord.store.Store`). ``bind_address`` is where to listen when
     peers reach this node at another address (NAT, a proxy).
@@ -246,6 +247,7 @@ class Replica:
         self._state_lock = PriorityLock()  # the Raft thread takes it with .first()
         self._listeners: tuple[Callable[[Applied], None], ...] = (on_applied,) if on_applied else ()
         self._on_restored = on_restored
+        self._restore_listeners: tuple[Callable[[Store], None], ...] = ()
         self._closed = False
         self._failed: str | None = None  # why the replica stopped for good (defect 8)
         self._close_lock = threading.Lock()
@@ -297,6 +299,11 @@ class Replica:
                 stat = dump_path.stat()
                 dump = decode_dump(dump_path.read_bytes())
                 self._startup_dump = ((stat.st_mtime_ns, stat.st_size), self._sm.restore(dump.state))
+                # Serve the snapshot's state from the moment the replica is
+                # open: pysyncobj loads it only on the first tick, and a read
+                # or an observer in between would see an empty store (issue 8,
+                # 1c). The first tick then finds this same store and keeps it.
+                self._store = self._startup_dump[1]
             except (OSError, RaftcoordError) as exc:
                 # Starting without it would replay a compacted journal from
                 # nothing: a silently different state.
@@ -414,6 +421,12 @@ class Replica:
                 "has_quorum": st["has_quorum"],
                 "partners": {n.address: engine.isNodeConnected(n) for n in engine.otherNodes},
                 "learners_connected": st["readonly_nodes_count"],
+                # The commit index the leader last told this replica (None
+                # until it did): caught up once last_applied reaches it.
+                "leader_commit_index": st.get("leader_commit_idx"),
+                # Raft address -> seconds since a message from that peer last
+                # arrived; on the leader, every follower and named non-voter.
+                "peers": engine.peer_ages() if hasattr(engine, "peer_ages") else {},
             }
         except Exception:  # noqa: BLE001 - a status must never take the Raft thread down
             if self._status_errors():
@@ -515,6 +528,10 @@ class Replica:
         except Exception as exc:
             self._fail(f"cannot load the snapshot {path}: {exc!r}")
             raise
+        if store is self._store:
+            # The snapshot loaded at start (see _start_engine): already served.
+            log.info("resumed from the snapshot at log index %d (revision %d)", dump.last[1], store.revision)
+            return loaded
         with self._state_lock.first():
             self._store = store
             self._views.invalidate("the replica loaded a snapshot from the leader")
@@ -523,6 +540,11 @@ class Replica:
                     self._on_restored()
                 except Exception:  # noqa: BLE001
                     log.exception("on_restored callback failed")
+            for listener in self._restore_listeners:
+                try:
+                    listener(store)
+                except Exception:  # noqa: BLE001
+                    log.exception("restore listener %r failed", listener)
         log.info("loaded the snapshot at log index %d (revision %d)", dump.last[1], store.revision)
         return loaded
 
@@ -667,6 +689,17 @@ class Replica:
         """
         with self._state_lock:
             self._listeners = (*self._listeners, listener)
+
+    def add_restore_listener(self, listener: Callable[[Store], None]) -> None:
+        """Call ``listener(store)`` when a snapshot from the leader replaces the store.
+
+        No ``add_listener`` call tells of the commands inside such a snapshot;
+        this does, with the new store, on the Raft thread while readers wait
+        (so it must be quick). A snapshot loaded at start is already in
+        place when the replica is open and calls nobody.
+        """
+        with self._state_lock:
+            self._restore_listeners = (*self._restore_listeners, listener)
 
     # ------------------------------------------------------------ lifecycle
 

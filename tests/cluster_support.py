@@ -71,13 +71,20 @@ class LocalCluster:
 
     # ------------------------------------------------------------ processes
 
-    def start(self, *names: str, config: Path | None = None) -> None:
-        """Start the named nodes (all by default)."""
+    def start(self, *names: str, config: Path | None = None,
+              argv: Callable[[str], list[str]] | None = None) -> None:
+        """Start the named nodes (all by default).
+
+        ``argv(name)`` replaces the ``raftcoord node`` command line, e.g. to
+        run a node that embeds its coordinator.
+        """
         for name in names or self.names:
             log = open(self.root / f"{name}.log", "ab")
             env = {k: v for k, v in os.environ.items() if k != "RAFTCOORD_SECRET"}
+            command = argv(name) if argv is not None else [
+                sys.executable, "-m", "raftcoord", "node", "--config", str(config or self.config_path), "--name", name]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "raftcoord", "node", "--config", str(config or self.config_path), "--name", name],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
