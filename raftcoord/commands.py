@@ -441,30 +441,52 @@ class Post:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeSet:
-    """Write one node's state record (op ``node``)."""
+    """Write one node's state record (op ``node``).
+
+    With ``expect_revision`` the write applies only if the record's current
+    mod_revision equals it (0: the record must not exist yet); otherwise the
+    store answers "conflict" and changes nothing. The liveness tracker uses
+    it so that a status it derived from a stale read never overwrites a
+    newer record.
+    """
 
     op: ClassVar[str] = "node"
     state: NodeState
+    expect_revision: int | None = None
 
     def __post_init__(self) -> None:
         _check("state", self.state, NodeState)
+        if self.expect_revision is not None:
+            _check_uint("expect_revision", self.expect_revision)
 
     def to_map(self) -> dict[str, Any]:
         """The command as proposed."""
-        return {"op": self.op, "state": self.state.to_map()}
+        out: dict[str, Any] = {"op": self.op, "state": self.state.to_map()}
+        if self.expect_revision is not None:
+            out["expect_revision"] = self.expect_revision
+        return out
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> NodeSet:
-        """Decode and validate."""
+        """Decode and validate (``expect_revision`` before the state)."""
+        expect = _get(m, "expect_revision", None)
+        if expect is not None:
+            _check_uint("expect_revision", expect)
         try:
-            return cls(state=NodeState.from_map(_check("state", _get(m, "state"), Mapping)))
+            state = NodeState.from_map(_check("state", _get(m, "state"), Mapping))
         except ValueFormatError as exc:
             raise CommandError(exc.message, field=exc.field) from None
+        return cls(state=state, expect_revision=expect)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Purge:
-    """Drop the oldest messages: those before ``before``, and beyond ``max_count``."""
+    """Drop the oldest messages, always a prefix of clock order.
+
+    ``before`` takes the longest prefix in which every message is older than
+    it (the first newer one stops it); ``max_count`` then keeps at most that
+    many of the rest, the newest.
+    """
 
     op: ClassVar[str] = "purge"
     before: datetime | None = None

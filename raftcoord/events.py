@@ -12,7 +12,18 @@ from typing import Any
 
 from raftcoord.values import Message, NodeState
 
-__all__ = ["Applied", "Event", "KeyDeleted", "KeyPut", "KeyValue", "MessagePosted", "NodeStateSet", "RangeResult"]
+__all__ = [
+    "Applied",
+    "Change",
+    "Event",
+    "KeyDeleted",
+    "KeyEvent",
+    "KeyPut",
+    "KeyValue",
+    "MessagePosted",
+    "NodeStateSet",
+    "RangeResult",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +95,21 @@ class NodeStateSet:
 
 
 Event = KeyPut | KeyDeleted | MessagePosted | NodeStateSet
+#: The events that change keys: what the watch history keeps.
+KeyEvent = KeyPut | KeyDeleted
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Every key change of one revision, in the order the command made them.
+
+    What a watch replays: one revision is delivered whole or not at all
+    (etcd's "atomic" guarantee). Reserved node and message keys are in it
+    too; a watcher filters by its key range.
+    """
+
+    revision: int
+    events: tuple[KeyEvent, ...]
 
 
 @dataclass(frozen=True, slots=True)

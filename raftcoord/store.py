@@ -26,7 +26,9 @@ revision, version) with a global revision, as etcd keeps it; the coordinator
 Lamport clock; the message floor (the highest clock purged, so that a reader
 resuming from before it learns of the gap); and client sessions, which
 remember recent results by request id so a retried command applies at most
-once (the Raft dissertation's section 6.3).
+once (the Raft dissertation's section 6.3); and the watch history, every
+recent revision's key changes (``raftcoord.history``), bounded by count and
+bytes, so that every replica agrees on what a watch can still replay.
 
 Commands (CBOR maps with text keys; ``op`` selects the command)::
 
@@ -34,8 +36,8 @@ Commands (CBOR maps with text keys; ``op`` selects the command)::
     delete    key, [range_end], [prev_kv]
     txn       compare: [..], success: [ops], failure: [ops]
     post      from, clock, type, timestamp, [event], [payload]
-    node      state: {host, status, clock, timestamp, addr, cluster, ...}
-    purge     [before: time], [max_count]
+    node      state: {host, status, clock, timestamp, addr, cluster, ...}, [expect_revision]
+    purge     [before: time], [max_count]   (always a prefix of clock order)
     truncate
     barrier   (changes nothing; a read barrier through the log)
     session   (registers a client session; the result names its id)
@@ -65,8 +67,9 @@ from sortedcontainers import SortedDict
 from raftcoord import clock as lamport
 from raftcoord.commands import Barrier, Delete, NodeSet, Post, Purge, Put, Range, Session, Truncate, Txn
 from raftcoord.commands import decode_command, decode_req
-from raftcoord.errors import CommandError, CompactedError, RaftcoordError, RequestTooLargeError, ValueFormatError
-from raftcoord.events import Applied, Event, KeyDeleted, KeyPut, KeyValue, MessagePosted, NodeStateSet, RangeResult
+from raftcoord.errors import CommandError, CompactedError, ConflictError, RaftcoordError, RequestTooLargeError, ValueFormatError
+from raftcoord.events import Applied, Change, Event, KeyDeleted, KeyPut, KeyValue, MessagePosted, NodeStateSet, RangeResult
+from raftcoord.history import HISTORY_BYTES, HISTORY_REVISIONS, History
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, NODE_PREFIX, MessageKey, NodeKey, is_reserved, prefix_end
 from raftcoord.sessions import MAX_RESULT_BYTES_PER_SESSION, MAX_RESULTS_PER_SESSION, MAX_SESSIONS, Sessions
 from raftcoord.txn import MAX_TXN_KEYS, MAX_TXN_RESULT_BYTES, Budget, compares_hold, range_response
@@ -80,6 +83,7 @@ __all__ = [
     "MAX_RESULT_BYTES_PER_SESSION",
     "MAX_SESSIONS",
     "Applied",
+    "Change",
     "KeyDeleted",
     "KeyPut",
     "KeyValue",
@@ -95,10 +99,12 @@ __all__ = [
 MAX_COMMAND_BYTES: Final = 1536 * 1024
 #: Messages one purge examines and removes; the leader's next purge goes on.
 MAX_PURGE_PER_COMMAND: Final = 4096
-#: Format 2: sessions are registered and results may be tombstones (None).
+#: Format 3: the watch history and compact_revision (issue 8).
+#: Format 2: sessions are registered and results may be tombstones (None);
+#: restored with an empty history (compact_revision = revision + 1).
 #: Format 1 (ids chosen by clients) is still restored; its ids stay live.
-SNAPSHOT_FORMAT: Final = 2
-_READABLE_FORMATS: Final = (1, 2)
+SNAPSHOT_FORMAT: Final = 3
+_READABLE_FORMATS: Final = (1, 2, 3)
 FIRST_REVISION: Final = 1  # as in etcd: an empty store is at revision 1
 
 
@@ -131,13 +137,17 @@ _Undo = list[tuple[bytes, "_Record | None"]]
 class Store:
     """The deterministic state machine. See the module docstring.
 
-    The session bounds are class attributes (every replica must use the same
-    ones); tests make them small with a subclass.
+    The session and watch-history bounds are class attributes (every replica
+    must use the same ones); tests make them small with a subclass.
     """
 
     max_sessions: int = MAX_SESSIONS
     max_results_per_session: int = MAX_RESULTS_PER_SESSION
     max_result_bytes_per_session: int = MAX_RESULT_BYTES_PER_SESSION
+    #: Changes the watch history keeps (the newest is always kept).
+    history_revisions: int = HISTORY_REVISIONS
+    #: Key + value + previous value bytes the watch history keeps.
+    history_bytes: int = HISTORY_BYTES
 
     def __init__(self) -> None:
         self._data: SortedDict[bytes, _Record] = SortedDict()
@@ -150,6 +160,7 @@ class Store:
             max_results=self.max_results_per_session,
             max_result_bytes=self.max_result_bytes_per_session,
         )
+        self._history = History(max_revisions=self.history_revisions, max_bytes=self.history_bytes)
 
     # ----------------------------------------------------------------- reads
 
@@ -169,6 +180,15 @@ class Store:
         return self._message_floor
 
     @property
+    def oldest_clock(self) -> int:
+        """The clock of the oldest message kept, or the next clock to come when
+        none is kept: a reader may resume from ``oldest_clock - 1``."""
+        lo, hi = self._bounds(MESSAGE_PREFIX, prefix_end(MESSAGE_PREFIX))
+        if lo < hi:
+            return MessageKey.decode(self._data.keys()[lo]).clock
+        return self._message_floor + 1
+
+    @property
     def applied(self) -> int:
         """How many commands were applied (refused ones included)."""
         return self._applied
@@ -177,6 +197,20 @@ class Store:
     def sessions(self) -> list[str]:
         """Live client session ids, least recently used first."""
         return self._sessions.clients()
+
+    @property
+    def compact_revision(self) -> int:
+        """The oldest revision a watch may start from (see :meth:`changes`)."""
+        return self._history.compact_revision
+
+    def changes(self, start_revision: int, *, limit: int = 0) -> list[Change]:
+        """The watch history: kept changes from ``start_revision`` on, in order.
+
+        At most ``limit`` of them (0: all), in O(log n + k); a start after the
+        current revision gives ``[]``. Below :attr:`compact_revision` raises
+        :class:`CompactedError` carrying ``compact_revision``.
+        """
+        return self._history.changes(start_revision, limit=limit)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -286,9 +320,12 @@ class Store:
         it were purged, and a silent gap would break exactly-once delivery.
         """
         if since is not None and since < self._message_floor:
+            oldest = self.oldest_clock
             raise CompactedError(
-                f"messages up to clock {self._message_floor} were purged; cannot resume from {since}",
+                f"messages up to clock {self._message_floor} were purged; the oldest clock kept is {oldest}; "
+                f"cannot resume from {since}",
                 field="since",
+                oldest_clock=oldest,
             )
         if since is not None and since >= MAX_CLOCK:
             return []
@@ -344,7 +381,10 @@ class Store:
     def _dispatch(self, cmd: Mapping[str, Any]) -> Applied:
         try:
             command = decode_command(cmd)
-            return self._HANDLERS[type(command)](self, command)
+            applied = self._HANDLERS[type(command)](self, command)
+            if applied.events:
+                self._history.record(self._revision, applied.events)
+            return applied
         except RaftcoordError as exc:
             return Applied(_error(exc, self._revision))
         except Exception as exc:  # noqa: BLE001 - see apply_map
@@ -474,6 +514,15 @@ class Store:
 
     def _cmd_node(self, cmd: NodeSet) -> Applied:
         value = cmd.state.encode()
+        if cmd.expect_revision is not None:
+            rec = self._data.get(cmd.state.key)
+            current = 0 if rec is None else rec.mod_revision
+            if current != cmd.expect_revision:
+                raise ConflictError(
+                    f"node {cmd.state.host!r} record is at mod_revision {current}, "
+                    f"not the expected {cmd.expect_revision}",
+                    field="expect_revision",
+                )
         revision = self._revision + 1
         events: list[Event] = []
         self._put(cmd.state.key, value, revision, events)
@@ -489,9 +538,13 @@ class Store:
         keys = self._data.keys()[lo : lo + window]
         cut = 0  # purge the first `cut` messages: always a prefix of the total order
         if cmd.before is not None:
-            for i, k in enumerate(keys):
-                if Message.decode(self._data[k].value).timestamp < cmd.before:
-                    cut = i + 1
+            # Only the prefix in which every message is old: one message from
+            # a node with a wrong wall clock (stamped 1999) must not take the
+            # newer messages before it along (issue 8, item 2).
+            for k in keys:
+                if Message.decode(self._data[k].value).timestamp >= cmd.before:
+                    break
+                cut += 1
         if cmd.max_count is not None and (hi - lo) - cut > cmd.max_count:
             cut = min(window, (hi - lo) - cmd.max_count)
         events: list[Event] = []
@@ -544,6 +597,8 @@ class Store:
                 "applied": self._applied,
                 "kvs": [[k, r.value, r.create_revision, r.mod_revision, r.version] for k, r in self._data.items()],
                 "sessions": self._sessions.to_snapshot(),
+                "compact_revision": self._history.compact_revision,
+                "history": self._history.to_snapshot(),
             }
         )
 
@@ -585,4 +640,16 @@ class Store:
             last = key
         # Format 1 sessions had ids their clients chose; they stay live here.
         store._sessions.load_snapshot(snap["sessions"], results_as_maps=snap["format"] == 1)
+        if snap["format"] >= 3:
+            compact, items = snap["compact_revision"], snap["history"]
+        else:
+            # No history was kept: a watch may start only after this point.
+            compact, items = store._revision + 1, []
+        store._history = History.load(
+            items,
+            compact_revision=compact,
+            revision=store._revision,
+            max_revisions=cls.history_revisions,
+            max_bytes=cls.history_bytes,
+        )
         return store

@@ -36,7 +36,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "raftcoord"
-PURE_MODULES = ["errors", "keys", "values", "clock", "store", "events", "commands", "sessions", "txn", "arguments"]
+PURE_MODULES = ["errors", "keys", "values", "clock", "store", "events", "history", "commands", "sessions", "txn", "arguments"]
 
 FORBIDDEN_LOADED = ["random", "socket", "asyncio", "aiohttp", "pysyncobj", "threading", "selectors", "subprocess"]
 FORBIDDEN_IMPORTS = {"time", *FORBIDDEN_LOADED, "secrets"}

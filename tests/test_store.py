@@ -1086,15 +1086,15 @@ def test_purge_before_and_max_count_together_take_the_longer_prefix() -> None:
 
 
 def test_purge_is_always_a_prefix_of_clock_order() -> None:
-    """With timestamps out of clock order, purge still removes a prefix: everything up to the last old message."""
+    """With timestamps out of clock order, purge removes only the prefix of old messages: the first newer one stops it."""
     s = Store()
     stamps = [0, 10, 1, 20, 2, 30]
     for sec in stamps:
         post(s, ts=T0 + timedelta(seconds=sec))
     res = run(s, "purge", before=T0 + timedelta(seconds=5))
     kept = [m.clock for m in s.messages()]
-    assert kept == [6] and res["purged"] == 5 and s.message_floor == 5
-    assert all(m.timestamp >= T0 + timedelta(seconds=5) for m in s.messages())
+    assert kept == [2, 3, 4, 5, 6] and res["purged"] == 1 and s.message_floor == 1
+    assert s.messages()[0].timestamp >= T0 + timedelta(seconds=5)
 
 
 def test_purge_nothing_keeps_revision_and_floor() -> None:
@@ -1719,7 +1719,7 @@ def test_issue6_d9_format1_snapshot_sessions_stay_registered() -> None:
     assert s.sessions == ["n1/0a1b2c"]
     assert s.apply(command("put", key=b"a", value=b"1", req=["n1/0a1b2c", 1, 1])).result == {"ok": True, "revision": 2}
     assert run(s, "put", key=b"b", value=b"1", req=["n1/0a1b2c", 2, 1])["revision"] == 3
-    assert decode_cbor(s.snapshot())["format"] == 2
+    assert decode_cbor(s.snapshot())["format"] == store_module.SNAPSHOT_FORMAT
 
 
 # ---------------------------------------------------------------------------

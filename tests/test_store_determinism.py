@@ -165,7 +165,10 @@ from datetime import datetime, timedelta, timezone
 from raftcoord.store import Store
 from raftcoord.values import encode_cbor
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-s = Store()
+class SmallHistory(Store):  # the watch history trims too (issue 8)
+    history_revisions = 100
+    history_bytes = 6000
+s = SmallHistory()
 h = hashlib.sha256()
 clients = [s.apply(encode_cbor({"op": "session"})).result["client"] for _ in range(7)]
 for i in range(300):
@@ -181,6 +184,7 @@ for i in range(300):
     ]
     for cmd in cmds:
         h.update(encode_cbor(s.apply(encode_cbor(cmd)).result))
+assert 1 < s.compact_revision < s.revision and s.changes(s.compact_revision)
 print(h.hexdigest(), hashlib.sha256(s.snapshot()).hexdigest())
 """
 

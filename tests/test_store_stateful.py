@@ -16,6 +16,12 @@ Client sessions are modelled with small bounds (:class:`SmallStore`): a list
 of live sessions, least recently used first, and per session the results
 still remembered; a request of an evicted session must be refused, never
 applied again.
+
+The watch history is modelled too (issue 8): every rule that changes keys
+writes the revision's events itself (put with its previous record, delete
+with the record it removed, in the order the command made them), and the
+model keeps them under the same small bounds, dropping the oldest first;
+``Store.changes`` and ``Store.compact_revision`` must agree with it.
 """
 
 from __future__ import annotations
@@ -49,10 +55,34 @@ def command(op: str, **fields: Any) -> bytes:
 
 
 class SmallStore(Store):
-    """A store with session bounds small enough for a model run to reach them."""
+    """A store with session and history bounds small enough for a model run to reach them."""
 
     max_sessions = 3
     max_results_per_session = 4
+    history_revisions = 8
+    history_bytes = 300
+
+
+# A history event as the model writes it: ("PUT", key, value, create, mod,
+# version, prev) or ("DELETE", key, revision, prev); prev is (value, create,
+# mod, version) or None.
+Ev = tuple[Any, ...]
+
+
+def event_tuple(e: Any) -> Ev:
+    """A store event in the model's shape."""
+    def rec(kv: Any) -> tuple[bytes, int, int, int] | None:
+        return None if kv is None else (kv.value, kv.create_revision, kv.mod_revision, kv.version)
+
+    if hasattr(e, "kv"):
+        return ("PUT", e.kv.key, e.kv.value, e.kv.create_revision, e.kv.mod_revision, e.kv.version, rec(e.prev))
+    return ("DELETE", e.key, e.revision, rec(e.prev))
+
+
+def event_size(e: Ev) -> int:
+    """Key + value + previous value bytes, as the store counts them."""
+    prev = e[-1]
+    return len(e[1]) + (len(e[2]) if e[0] == "PUT" else 0) + (0 if prev is None else len(prev[0]))
 
 
 def clock_of(message_key: bytes) -> int:
@@ -77,12 +107,28 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.live: list[str] = []  # registered sessions, least recently used first
         self.clients: list[str] = []  # every id ever assigned
         self.kept: dict[str, dict[int, dict[str, Any]]] = {}  # client -> seq -> remembered result
+        self.history: list[tuple[int, list[Ev]]] = []  # (revision, events), oldest first
+        self.compact = 1
 
     # ------------------------------------------------------------ the model
 
-    def m_put(self, key: bytes, value: bytes, rev: int) -> None:
+    def m_put(self, key: bytes, value: bytes, rev: int) -> Ev:
         old = self.kv.get(key)
-        self.kv[key] = (value, rev, rev, 1) if old is None else (value, old[1], rev, old[3] + 1)
+        self.kv[key] = new = (value, rev, rev, 1) if old is None else (value, old[1], rev, old[3] + 1)
+        return ("PUT", key, *new, old)
+
+    def m_del(self, key: bytes, rev: int) -> Ev:
+        return ("DELETE", key, rev, self.kv.pop(key))
+
+    def m_record(self, events: list[Ev]) -> None:
+        """Keep one revision's events; drop the oldest past the bounds, never the newest."""
+        assert events
+        self.history.append((self.revision, events))
+        while len(self.history) > 1 and (
+            len(self.history) > SmallStore.history_revisions
+            or sum(event_size(e) for _, evs in self.history for e in evs) > SmallStore.history_bytes
+        ):
+            self.compact = self.history.pop(0)[0] + 1
 
     def m_user_keys(self, key: bytes, range_end: bytes) -> list[bytes]:
         if range_end == b"\x00":
@@ -113,7 +159,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         old = self.kv.get(key)
         res = self.apply(command("put", key=key, value=value, prev_kv=prev_kv))
         self.revision += 1
-        self.m_put(key, value, self.revision)
+        self.m_record([self.m_put(key, value, self.revision)])
         expected: dict[str, Any] = {"ok": True, "revision": self.revision}
         if prev_kv and old is not None:
             expected["prev_kv"] = {"key": key, "value": old[0], "create_revision": old[1], "mod_revision": old[2], "version": old[3]}
@@ -131,7 +177,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         res = self.apply(command("delete", key=key))
         if key in self.kv:
             self.revision += 1
-            del self.kv[key]
+            self.m_record([self.m_del(key, self.revision)])
             assert res == {"ok": True, "revision": self.revision, "deleted": 1}
         else:
             assert res == {"ok": True, "revision": self.revision, "deleted": 0}
@@ -145,8 +191,8 @@ class StoreVersusModel(RuleBasedStateMachine):
             self.revision += 1
         assert res["revision"] == self.revision
         assert [p["key"] for p in res["prev_kvs"]] == doomed
-        for k in doomed:
-            del self.kv[k]
+        if doomed:
+            self.m_record([self.m_del(k, self.revision) for k in doomed])
 
     @rule(
         key=st.sampled_from(USER_KEYS[:4]),
@@ -185,10 +231,10 @@ class StoreVersusModel(RuleBasedStateMachine):
         kind, k, v = success if held else failure
         if kind == "put":
             self.revision += 1
-            self.m_put(k, v, self.revision)
+            self.m_record([self.m_put(k, v, self.revision)])
         elif kind == "delete" and k in self.kv:
             self.revision += 1
-            del self.kv[k]
+            self.m_record([self.m_del(k, self.revision)])
         elif kind == "range":
             rec = self.kv.get(k)
             assert res["responses"][0]["count"] == (0 if rec is None else 1)
@@ -217,18 +263,32 @@ class StoreVersusModel(RuleBasedStateMachine):
         key = MESSAGE_PREFIX + self.clock.to_bytes(8, "big") + bytes([type_])
         assert key not in self.kv
         self.kv[key] = (encode_cbor(stored), self.revision, self.revision, 1)
+        self.m_record([("PUT", key, *self.kv[key], None)])
         self.stamps[key] = ts
         assert res == {"ok": True, "revision": self.revision, "message": stored}
 
-    @rule(host=st.sampled_from(HOSTS), status=st.sampled_from(STATUSES + ["bogus"]), clock=st.integers(0, 9), ts=st.sampled_from(STAMPS))
-    def set_node_state(self, host: str, status: str, clock: int, ts: datetime) -> None:
+    @rule(
+        host=st.sampled_from(HOSTS),
+        status=st.sampled_from(STATUSES + ["bogus"]),
+        clock=st.integers(0, 9),
+        ts=st.sampled_from(STAMPS),
+        expect=st.none() | st.just("current") | st.integers(0, 8),
+    )
+    def set_node_state(self, host: str, status: str, clock: int, ts: datetime, expect: int | str | None) -> None:
         state = {"host": host, "status": status, "clock": clock, "timestamp": ts}
+        fields: dict[str, Any] = {"state": state}
+        current = self.kv[NodeKey(host).encode()][2] if NodeKey(host).encode() in self.kv else 0
+        if expect is not None:
+            fields["expect_revision"] = current if expect == "current" else expect
         if status == "bogus":
-            self.apply_refused(command("node", state=state), "command")
+            self.apply_refused(command("node", **fields), "command")
             return
-        res = self.apply(command("node", state=state))
+        if fields.get("expect_revision", current) != current:
+            self.apply_refused(command("node", **fields), "conflict")
+            return
+        res = self.apply(command("node", **fields))
         self.revision += 1
-        self.m_put(NodeKey(host).encode(), encode_cbor({**state, "addr": "", "cluster": ""}), self.revision)
+        self.m_record([self.m_put(NodeKey(host).encode(), encode_cbor({**state, "addr": "", "cluster": ""}), self.revision)])
         assert res == {"ok": True, "revision": self.revision}
 
     @rule(before=st.none() | st.sampled_from(STAMPS), max_count=st.none() | st.integers(0, 4))
@@ -240,17 +300,15 @@ class StoreVersusModel(RuleBasedStateMachine):
             fields["max_count"] = max_count
         res = self.apply(command("purge", **fields))
         msgs = self.m_messages()
-        cut = 0  # one past the last message older than `before`: a prefix of clock order
+        cut = 0  # the longest prefix of clock order in which every message is older than `before`
         if before is not None:
-            for i, k in enumerate(msgs):
-                if self.stamps[k] < before:
-                    cut = i + 1
+            while cut < len(msgs) and self.stamps[msgs[cut]] < before:
+                cut += 1
         if max_count is not None:
             cut = max(cut, len(msgs) - max_count)
         if cut:
             self.revision += 1
-            for k in msgs[:cut]:
-                del self.kv[k]
+            self.m_record([self.m_del(k, self.revision) for k in msgs[:cut]])
             self.floor = max(self.floor, clock_of(msgs[cut - 1]))
         assert res == {"ok": True, "revision": self.revision, "purged": cut, "floor": self.floor}
 
@@ -260,8 +318,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         res = self.apply(command("truncate"))
         if doomed:
             self.revision += 1
-        for k in doomed:
-            del self.kv[k]
+            self.m_record([self.m_del(k, self.revision) for k in doomed])
         assert res == {"ok": True, "revision": self.revision, "deleted": len(doomed)}
 
     @rule()
@@ -296,7 +353,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.next_seq[client] = seq + 1
         res = self.apply(raw)
         self.revision += 1
-        self.m_put(key, value, self.revision)
+        self.m_record([self.m_put(key, value, self.revision)])
         assert res == {"ok": True, "revision": self.revision}
         self.lows[client] = low
         self.sent.append((client, seq, raw, res))
@@ -364,6 +421,25 @@ class StoreVersusModel(RuleBasedStateMachine):
                 pass
             else:
                 raise AssertionError("messages() below the floor did not raise CompactedError")
+
+    @invariant()
+    def history_matches_the_model(self) -> None:
+        assert self.store.compact_revision == self.compact
+        got = [(c.revision, [event_tuple(e) for e in c.events]) for c in self.store.changes(self.compact)]
+        assert got == self.history
+        assert self.store.changes(self.revision + 1) == []
+        if self.history:
+            mid = self.history[len(self.history) // 2][0]
+            tail = self.store.changes(mid, limit=2)
+            assert [(c.revision, [event_tuple(e) for e in c.events]) for c in tail] == [
+                h for h in self.history if h[0] >= mid
+            ][:2]
+        try:
+            self.store.changes(self.compact - 1)
+        except CompactedError as exc:
+            assert exc.compact_revision == self.compact and exc.field == "start_revision"
+        else:
+            raise AssertionError("changes() below compact_revision did not raise CompactedError")
 
     @invariant()
     def sessions_match_the_model(self) -> None:
