@@ -91,6 +91,8 @@ DEFAULT_MAX_TXN_OPS = 128
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: Keys read per step of a range, so a view can release the state lock between steps.
 RANGE_PAGE = 1024
+#: Messages read per step of :meth:`Coordinator.messages`.
+MESSAGE_PAGE = 1024
 #: How many times a request provably never applied is re-sent under a fresh session.
 SESSION_RETRIES = 2
 
@@ -548,8 +550,21 @@ class Coordinator:
         return message
 
     def messages(self, since: int | None = None, *, consistency: Consistency | None = None) -> list[Message]:
-        """Messages with a clock above ``since`` (all kept ones for None)."""
-        return self.read(lambda s: s.messages(since), consistency=consistency)
+        """Messages with a clock above ``since`` (all kept ones for None), in clock order.
+
+        Raises :class:`CompactedError` (with ``oldest_clock``) if messages
+        after ``since`` were purged. The box is read in steps of
+        :data:`MESSAGE_PAGE`, each holding the replica's state briefly; the
+        first step is at ``consistency``, the rest continue from the same
+        replica, so the list is one stretch of the total order with no gap.
+        """
+        out = self.read(lambda s: s.messages(since, limit=MESSAGE_PAGE), consistency=consistency)
+        page = out
+        while len(page) == MESSAGE_PAGE:
+            cursor = page[-1].clock
+            page = self._feed_read(lambda s: s.messages(cursor, limit=MESSAGE_PAGE))
+            out.extend(page)
+        return out
 
     def purge_messages(self, *, before: datetime | None = None, max_count: int | None = None) -> int:
         """Drop the oldest messages (by timestamp or beyond a count); returns how many."""

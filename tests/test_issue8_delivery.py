@@ -223,3 +223,18 @@ def test_issue8_1c_a_restarted_replica_serves_its_snapshot_before_its_first_tick
             assert clocks(got) == clocks(posted)
     finally:
         hold.set()
+
+
+def test_messages_are_read_in_steps_with_no_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long message list is read a page at a time and comes back whole, in order."""
+    import raftcoord.coordinator as coordinator_mod
+
+    monkeypatch.setattr(coordinator_mod, "MESSAGE_PAGE", 7)
+    coord = Coordinator.memory("n1")
+    try:
+        posted = [coord.post_message("U", payload=i) for i in range(30)]
+        assert clocks(coord.messages()) == clocks(posted)
+        assert clocks(coord.messages(since=posted[9].clock)) == clocks(posted[10:])
+        assert coord.messages(since=posted[-1].clock) == []
+    finally:
+        coord.close()
