@@ -85,6 +85,8 @@ _SECONDS_RANGE: Final = {
     "message_retention_seconds": (0.001, MAX_RETENTION_SECONDS),
     "client_header_timeout": (0.5, 600.0),
     "client_body_timeout": (0.5, 3600.0),
+    # below half a second a busy leader marks healthy nodes; a day is plenty
+    "node_timeout": (0.5, 86400.0),
 }
 _INTEGER_RANGE: Final = {
     "message_retention_count": (1, 1_000_000_000),
@@ -118,6 +120,7 @@ _CLUSTER_KEYS: Final = frozenset(
         "client_header_timeout",
         "client_body_timeout",
         "max_client_connections",
+        "node_timeout",
     }
 )
 _NODE_KEYS: Final = frozenset({"name", "raft", "client", "data_dir", "voter"})
@@ -268,6 +271,9 @@ class ClusterConfig:
     client_body_timeout: float = 30.0
     #: Client connections open at once; more are closed as they come.
     max_client_connections: int = 1024
+    #: Seconds the leader goes without hearing a node before it marks the
+    #: node ``unreachable`` (and a new leader waits before marking anyone).
+    node_timeout: float = 5.0
 
     def node(self, name: str) -> NodeConfig:
         """The node called ``name``; raises ConfigError naming the known nodes."""
@@ -457,6 +463,14 @@ class _Parser:
                 f"cluster.election_timeout_min ({timeouts['election_timeout_min']}), or followers "
                 "start elections between heartbeats",
             )
+        node_timeout = self.seconds(cluster, "cluster.node_timeout", 5.0)
+        if node_timeout <= 3 * timeouts["heartbeat_period"]:
+            raise self.fail(
+                "cluster.node_timeout",
+                f"{node_timeout} must be more than three heartbeat periods "
+                f"(cluster.heartbeat_period is {timeouts['heartbeat_period']}), or healthy nodes "
+                "are marked unreachable between heartbeats",
+            )
         retention_seconds = self.seconds(cluster, "cluster.message_retention_seconds", 3600.0)
         retention_count = self.integer(cluster, "cluster.message_retention_count", 10000)
         compaction = self.integer(cluster, "cluster.compaction_entries", 10000)
@@ -491,6 +505,7 @@ class _Parser:
             message_retention_count=retention_count,
             compaction_entries=compaction,
             fsync=fsync,
+            node_timeout=node_timeout,
             **limits,
             **client_timeouts,
             **timeouts,

@@ -62,6 +62,7 @@ from raftcoord.errors import (
     error_from_code,
 )
 from raftcoord.feeds import WATCH_FILTERS, Observer, Wakeup, Watch, WatchEvent, WatchResponse, key_range
+from raftcoord.housekeeping import Housekeeper, annotate_states
 from raftcoord.keys import NodeKey
 from raftcoord.ranges import read_range
 from raftcoord.store import MAX_COMMAND_BYTES, Applied, KeyDeleted, KeyPut, KeyValue, MessagePosted, RangeResult, Store
@@ -142,6 +143,8 @@ class Coordinator:
         self._session_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._in_flight: set[int] = set()
+        #: The node's timer work, when built by :meth:`from_cluster_config`.
+        self.housekeeper: Housekeeper | None = None
         self._feeds: set[Observer | Watch] = set()
         self._messages_posted = Wakeup()
         self._keys_changed = Wakeup()
@@ -175,12 +178,16 @@ class Coordinator:
         return cls.from_cluster_config(load_config(path), node=node, **kwargs)
 
     @classmethod
-    def from_cluster_config(cls, config: Any, *, node: str, **kwargs: Any) -> Coordinator:
+    def from_cluster_config(cls, config: Any, *, node: str, housekeeping: bool = True, **kwargs: Any) -> Coordinator:
         """A coordinator embedding replica ``node`` of a loaded cluster configuration.
 
         ``config`` is a :class:`raftcoord.config.ClusterConfig` (duck-typed).
         Its ``request_timeout``, ``max_txn_ops`` and ``max_response_bytes``
-        are the defaults of the matching keyword arguments.
+        are the defaults of the matching keyword arguments. With
+        ``housekeeping`` (the default) the node records its own state
+        (``joining``, ``up``; ``leaving``, ``down`` on :meth:`close`) and,
+        while it leads, marks unreachable nodes and purges old messages
+        (:class:`~raftcoord.housekeeping.Housekeeper`, as ``.housekeeper``).
         """
         from raftcoord.config import check_can_start
         from raftcoord.replica import open_replica_backend
@@ -193,10 +200,16 @@ class Coordinator:
                 kwargs.setdefault(name, getattr(config, name))
         backend = open_replica_backend(config, node)
         try:
-            return cls(backend, host=node_cfg.name, cluster=config.name, addr=node_cfg.raft, **kwargs)
+            coord = cls(backend, host=node_cfg.name, cluster=config.name, addr=node_cfg.raft, **kwargs)
         except BaseException:
             backend.close()
             raise
+        if housekeeping:
+            # An embedded node may be the leader: it must mark liveness and
+            # purge like a served one, or nobody would while it leads.
+            coord.housekeeper = Housekeeper(coord, config, node_cfg.name)
+            coord.housekeeper.start()
+        return coord
 
     # ----------------------------------------------------------------- basics
 
@@ -221,6 +234,8 @@ class Coordinator:
         """Stop observers and the backend. Idempotent."""
         if self._closed:
             return
+        if self.housekeeper is not None:
+            self.housekeeper.stop()  # says leaving, then down, while the replica still runs
         self._closed = True
         with self._lock:
             feeds, self._feeds = list(self._feeds), set()
@@ -507,8 +522,14 @@ class Coordinator:
         return state
 
     def get_cluster_state(self, *, consistency: Consistency | None = None) -> list[NodeState]:
-        """Every node's state record, ordered by hostname."""
-        return self.read(lambda s: s.node_states(), consistency=consistency)
+        """Every node's state record, ordered by hostname.
+
+        Each record also carries, from this node's replica and never stored,
+        its ``role`` (leader, follower, non-voter) and ``heard_ago`` (seconds
+        since the leader last heard the node; known on the leader, and on a
+        follower for the leader only).
+        """
+        return annotate_states(self.read(lambda s: s.node_states(), consistency=consistency), self.status())
 
     def get_node_state(self, host: str, *, consistency: Consistency | None = None) -> NodeState | None:
         """One node's state record, or None."""

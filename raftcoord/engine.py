@@ -7,6 +7,12 @@ that the places where pysyncobj 0.3.17 would otherwise lie are closed
 (``replica.py``) drives the engine on its own thread; this module does no
 business logic.
 
+Liveness (issue 8): the transport notes when a message last arrived from
+each peer (:meth:`Engine.peer_ages`), so the leader knows whom it stopped
+hearing without any heartbeat entry in the log. A non-voter, which
+pysyncobj knows only as an anonymous connection, names itself to each
+voter once connected (:data:`HELLO`) when its ``rc_identity`` is set.
+
 What the guards close, besides hazards 3 and 5 (issue 6's defect numbers):
 
 * d4: a follower whose log ends in entries of an older term answers a failed
@@ -39,7 +45,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
@@ -52,10 +58,17 @@ from pysyncobj.transport import TCPTransport
 from raftcoord.errors import ValueFormatError
 from raftcoord.raftfiles import decode_dump, fsync_path
 
-__all__ = ["Engine", "GuardedTransport", "Throttle", "cap_snapshot_commit", "join_transmission",
+__all__ = ["HELLO", "Engine", "GuardedTransport", "Throttle", "cap_snapshot_commit", "join_transmission",
            "skip_held_entries"]
 
 log = logging.getLogger(__name__)
+
+#: The message a non-voter sends each voter once connected: ``{"type": HELLO,
+#: "addr": its configured raft address}``. pysyncobj knows a non-voter only
+#: as an anonymous connection numbered in arrival order; without a name the
+#: leader could not tell which node it stopped hearing. pysyncobj ignores
+#: message types it does not know, so an older peer is not disturbed.
+HELLO: Final = "rc_hello"
 
 # --------------------------------------------------------------------------
 # The guards on incoming append_entries (hazards 3 and 5, d15).
@@ -235,12 +248,17 @@ class GuardedTransport(TCPTransport):
     handshake_timeout = 5.0
     #: Unidentified connections held at once; the oldest is dropped first.
     max_unidentified = 64
+    #: Peers whose last message time is kept; the longest silent goes first.
+    max_heard = 1024
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
         self._rc_up: set[Any] = set()
         self._rc_flaps: dict[Any, Throttle] = {}
         self._rc_refused = Throttle(60.0)
         self._rc_pending: dict[Any, float] = {}  # unidentified connection -> accept time
+        self._rc_readonly_addr: dict[Any, str] = {}  # a non-voter's connection -> the address it announced
+        self._rc_greeted: set[Any] = set()  # voters this non-voter has announced itself to
+        self._rc_bad_hello = Throttle(60.0)
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _createServer(self) -> None:  # noqa: N802
@@ -251,6 +269,7 @@ class GuardedTransport(TCPTransport):
         super()._onTick()
         if isinstance(self._server, _SturdyServer):
             self._server.rc_resume()
+        self._rc_greet()
         if self._rc_pending:
             born_before = time.monotonic() - self.handshake_timeout
             for conn, born in list(self._rc_pending.items()):
@@ -283,6 +302,12 @@ class GuardedTransport(TCPTransport):
         engine = self._syncObj
         if engine.rc_failed:
             return
+        if type(message) is dict and message.get("type") == HELLO:
+            self._rc_hello(node, message)
+            return  # ours alone: pysyncobj never sees it
+        addr = getattr(node, "address", None) or self._rc_readonly_addr.get(node)
+        if addr is not None:
+            engine.rc_heard[addr] = time.monotonic()
         if type(message) is dict and message.get("type") == "append_entries":
             if message.get("term", -1) >= engine.raftCurrentTerm:
                 message = join_transmission(engine, message)
@@ -305,8 +330,42 @@ class GuardedTransport(TCPTransport):
             flaps = self._rc_flaps.get(node)
             (log.debug if flaps is not None and flaps.suppressed else log.info)("raft peer %s connected", node)
         super()._onNodeConnected(node)
+        self._rc_greet()
+
+    def _rc_greet(self) -> None:
+        """A non-voter tells each voter it reaches which node it is (see :data:`HELLO`)."""
+        engine = getattr(self, "_syncObj", None)
+        identity = getattr(engine, "rc_identity", None)
+        if identity is None or not self._selfIsReadonlyNode:
+            return
+        # Only after the handshake (_rc_up): a frame sent before the key
+        # exchange would be taken for the exchange itself.
+        for node in self._rc_up - self._rc_greeted:
+            if self.send(node, {"type": HELLO, "addr": identity}):
+                self._rc_greeted.add(node)
+
+    def _rc_hello(self, node: Any, message: dict[str, Any]) -> None:
+        addr = message.get("addr")
+        # A voter's address is a voter's: a non-voter claiming it would make
+        # a silent voter look alive.
+        if node not in self._readonlyNodes or not isinstance(addr, str) or not 0 < len(addr) <= 300 \
+                or addr in self._nodeAddrToNode:
+            if self._rc_bad_hello():
+                log.warning("ignored a malformed or misplaced non-voter greeting from %s (%d more not logged)",
+                            node, self._rc_bad_hello.take())
+            return
+        self._rc_readonly_addr[node] = addr
+        heard = self._syncObj.rc_heard
+        heard[addr] = time.monotonic()
+        while len(heard) > self.max_heard:  # peers that come and go under new names
+            del heard[min(heard, key=heard.__getitem__)]
+
+    def _onReadonlyNodeDisconnected(self, node: Any) -> None:  # noqa: N802
+        self._rc_readonly_addr.pop(node, None)
+        super()._onReadonlyNodeDisconnected(node)
 
     def _onNodeDisconnected(self, node: Any) -> None:  # noqa: N802
+        self._rc_greeted.discard(node)
         if node in self._rc_up:
             self._rc_up.discard(node)
             flaps = self._rc_flaps.setdefault(node, Throttle(30.0))
@@ -418,6 +477,12 @@ class Engine(SyncObj):
         self._rc_sink = sink
         self._rc_on_fatal = on_fatal
         self._rc_failed: str | None = None
+        #: Raft address -> monotonic time a message from that peer last arrived.
+        self.rc_heard: dict[str, float] = {}
+        #: A non-voter's own raft address as the configuration names it, sent
+        #: to the voters (:data:`HELLO`) so the leader can tell when it last
+        #: heard from it. None: stay anonymous (pysyncobj's behaviour).
+        self.rc_identity: str | None = None
         super().__init__(self_address, partners, conf=conf, transportClass=GuardedTransport)
         self._SyncObj__serializer.__class__ = _SyncedSerializer  # type: ignore[attr-defined]
 
@@ -442,6 +507,17 @@ class Engine(SyncObj):
                 self._rc_on_fatal(reason)
             except Exception:  # noqa: BLE001 - the engine stays stopped whatever the callback does
                 log.exception("on_fatal callback failed")
+
+    def peer_ages(self) -> dict[str, float]:
+        """Seconds since a message last arrived from each peer, by raft address (Raft thread).
+
+        Built from Raft's own traffic, so it costs no log entry: the leader
+        hears every follower and every non-voter that announced itself
+        (:data:`HELLO`) at each heartbeat, a follower hears only the leader.
+        A peer not heard since this engine started is absent.
+        """
+        now = time.monotonic()
+        return {addr: round(now - at, 3) for addr, at in self.rc_heard.items()}
 
     # pysyncobj keeps its log private; these are the only reads of it.
     def rc_term_at(self, idx: int) -> int | None:

@@ -770,5 +770,10 @@ def open_replica_backend(config: Any, node: str, **kwargs: Any) -> Replica:
         fsync=config.fsync,
     )
     partners = [n.raft for n in config.voters if n.name != me.name]
-    return Replica(me.raft if me.voter else None, partners, me.data_dir,
-                   password=config.secret, settings=settings, **kwargs)
+    replica = Replica(me.raft if me.voter else None, partners, me.data_dir,
+                      password=config.secret, settings=settings, **kwargs)
+    if not me.voter:
+        # pysyncobj knows a non-voter only as an anonymous connection: it names
+        # itself to the voters (engine HELLO) so the leader can judge its liveness.
+        replica._engine.rc_identity = me.raft
+    return replica

@@ -4,20 +4,17 @@
 cluster file (what a PuzzleDB node calls); :func:`run_node` runs a whole node
 in the foreground (what ``raftcoord node`` calls) until SIGTERM or SIGINT.
 
-Besides serving clients, a running node does two things on a timer:
+Besides serving clients, a running node does its timer work (its own node
+state, ``joining`` then ``up``, and ``leaving`` then ``down`` when it stops;
+on the leader, liveness marking and retention purges) through a
+:class:`~raftcoord.housekeeping.Housekeeper`, on a thread of its own: the
+coordinator's when it has one (``Coordinator.housekeeper``), else one the
+server starts. Nothing in that housekeeping may stop a node: a failure is
+logged, at most one line a minute, and the next round tries again.
 
-* it announces its own node state (``up`` once the cluster has a leader,
-  ``exiting`` when it stops), so ``raftcoord nodes`` shows who is there;
-* while it is the leader, it proposes purges of messages older than the
-  retention settings, with the cut-off inside the command (the state machine
-  never reads a clock).
-
-Nothing in that housekeeping may stop a node: a failure (a slow Raft thread,
-no leader, a bug) is logged, at most one line a minute, shows on ``/health``
-through the replica's status, and the next round tries again. Start-up
-problems (a port in use, a host that does not resolve, a data directory that
-is a file or not writable) raise one :class:`RaftcoordError` with a clear
-message, which the CLI prints as one line.
+Start-up problems (a port in use, a host that does not resolve, a data
+directory that is a file or not writable) raise one :class:`RaftcoordError`
+with a clear message, which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ import os
 import signal
 import socket
 import tempfile
-import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +33,16 @@ from aiohttp import web
 from raftcoord.config import ClusterConfig, load_config
 from raftcoord.coordinator import Coordinator
 from raftcoord.endpoint import make_app, serve
-from raftcoord.errors import ConfigError, RaftcoordError, UnavailableError
+from raftcoord.errors import ConfigError, UnavailableError
+from raftcoord.housekeeping import FAILURE_LOG_PERIOD, HOUSEKEEPING_PERIOD, PURGE_PERIOD, Housekeeper
 
-__all__ = ["NodeServer", "open_coordinator", "run_node"]
+__all__ = ["FAILURE_LOG_PERIOD", "HOUSEKEEPING_PERIOD", "PURGE_PERIOD", "NodeServer", "open_coordinator",
+           "run_node"]
 
 log = logging.getLogger(__name__)
 
-#: How often a node checks whether to announce itself or purge messages.
-HOUSEKEEPING_PERIOD = 1.0
-#: How often the leader proposes a retention purge.
-PURGE_PERIOD = 30.0
-#: Housekeeping failures are logged at most once per this many seconds.
-FAILURE_LOG_PERIOD = 60.0
+#: Seconds a clean stop may spend recording ``leaving`` and ``down``.
+GOODBYE_TIMEOUT = 5.0
 
 
 def open_coordinator(path: str, *, node: str, **kwargs: Any) -> Coordinator:
@@ -81,11 +74,7 @@ class NodeServer:
         self._given = coordinator
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
-        self._announced = False
-        self._last_purge = 0.0
-        self._failing_since: float | None = None
-        self._last_failure_log = -FAILURE_LOG_PERIOD
-        self._failures = 0
+        self.housekeeper: Housekeeper | None = None
 
     async def start(self) -> None:
         """Start the replica and the endpoint; returns once both listen.
@@ -128,22 +117,18 @@ class NodeServer:
             if coord is not None:
                 await loop.run_in_executor(None, coord.close)
             raise
+        housekeeper = getattr(self.coordinator, "housekeeper", None)
+        if housekeeper is None:
+            housekeeper = Housekeeper(self.coordinator, self.config, self.node.name)
+        self.housekeeper = housekeeper
+        housekeeper.start()  # a no-op when the coordinator already started it
         log.info("node %s: raft %s, client endpoint http://%s", self.node.name, self.node.raft, self.node.client)
 
     async def run(self) -> None:
-        """Serve until :meth:`request_stop`, then stop cleanly.
-
-        Housekeeping never ends this loop: a failed round is logged
-        (throttled) and the next one tries again.
-        """
+        """Serve until :meth:`request_stop`, then stop cleanly."""
         await self.start()
         try:
-            while not self._stopping.is_set():
-                await self._guarded_housekeeping()
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_PERIOD)
-                except asyncio.TimeoutError:
-                    pass
+            await self._stopping.wait()
         finally:
             await self.stop()
 
@@ -152,14 +137,12 @@ class NodeServer:
         self._stopping.set()
 
     async def stop(self) -> None:
-        """Say goodbye, close the endpoint, then the replica."""
+        """Say goodbye (``leaving``, then ``down``), close the endpoint, then the replica."""
         loop = asyncio.get_running_loop()
         coord = self.coordinator
-        if coord is not None and self._announced:
-            try:
-                await loop.run_in_executor(None, lambda: coord.set_node_state("exiting", addr=self.node.raft))
-            except RaftcoordError as exc:
-                log.info("could not record the exiting state: %s", exc.message)
+        housekeeper, self.housekeeper = self.housekeeper, None
+        if housekeeper is not None:
+            await loop.run_in_executor(None, housekeeper.stop, GOODBYE_TIMEOUT)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -167,63 +150,6 @@ class NodeServer:
             await loop.run_in_executor(None, coord.close)
             self.coordinator = None
         log.info("node %s stopped", self.node.name)
-
-    async def _guarded_housekeeping(self) -> None:
-        """One round of housekeeping; a failure is logged at most once a minute, never raised."""
-        try:
-            await self._housekeeping()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nothing here may stop the node
-            now = time.monotonic()
-            self._failures += 1
-            if self._failing_since is None:
-                self._failing_since = now
-            if now - self._last_failure_log >= FAILURE_LOG_PERIOD:
-                self._last_failure_log = now
-                reason = exc.message if isinstance(exc, RaftcoordError) else f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "node %s: housekeeping failed (%d times in %.0f s; the node carries on): %s",
-                    self.node.name, self._failures, now - self._failing_since, reason,
-                    exc_info=not isinstance(exc, RaftcoordError),
-                )
-                self._failures = 0
-        else:
-            if self._failing_since is not None:
-                log.info("node %s: housekeeping works again", self.node.name)
-                self._failing_since = None
-                self._failures = 0
-                self._last_failure_log = -FAILURE_LOG_PERIOD
-
-    async def _housekeeping(self) -> None:
-        coord = self.coordinator
-        assert coord is not None
-        loop = asyncio.get_running_loop()
-        status = await loop.run_in_executor(None, coord.status)
-        if not status.get("leader"):
-            return
-        if not self._announced:
-            try:
-                await loop.run_in_executor(None, lambda: coord.set_node_state("up", addr=self.node.raft))
-                self._announced = True
-                log.info("node %s is up; leader is %s", self.node.name, status.get("leader"))
-            except RaftcoordError as exc:
-                log.info("could not announce the node state yet: %s", exc.message)
-        now = loop.time()
-        if status.get("role") == "leader" and now - self._last_purge >= PURGE_PERIOD:
-            self._last_purge = now
-            await loop.run_in_executor(None, self._purge, coord)
-
-    def _purge(self, coord: Coordinator) -> None:
-        before = datetime.now(timezone.utc) - timedelta(seconds=self.config.message_retention_seconds)
-        try:
-            n = coord.purge_messages(before=before, max_count=self.config.message_retention_count)
-        except RaftcoordError as exc:
-            log.info("message purge not applied: %s", exc.message)
-            return
-        if n:
-            log.info("purged %d messages (older than %s or beyond %d)", n, before.isoformat(),
-                     self.config.message_retention_count)
 
 
 def _reason(exc: OSError) -> str:

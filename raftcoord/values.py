@@ -201,6 +201,14 @@ class NodeState:
     cluster: str = ""
     #: Keys beyond the known ones, kept as they came.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The node's Raft role as the answering replica sees it ("leader",
+    #: "follower", "candidate", "non-voter"), or None when unknown. Local
+    #: annotation: never encoded, replicated or compared.
+    role: str | None = field(default=None, compare=False)
+    #: Seconds since the answering replica last heard from the node over
+    #: Raft (0 for itself), or None when it cannot tell (only the leader
+    #: hears every node). Local annotation like ``role``.
+    heard_ago: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         NodeKey(self.host)  # validates the hostname, raising KeyFormatError

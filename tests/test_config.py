@@ -483,3 +483,20 @@ def test_issue6_d6_client_connection_settings(tmp_path: Path) -> None:
     for setting, bad in (("client_header_timeout", 0), ("client_header_timeout", 1e9),
                          ("client_body_timeout", 1e-9), ("max_client_connections", 0)):
         expect_error(write_cluster(tmp_path, cluster={setting: bad}), f"cluster.{setting}")
+
+
+# ------------------------------------------- issue 8: node liveness
+
+
+def test_issue8_3_node_timeout_default_and_bounds(tmp_path: Path) -> None:
+    """node_timeout defaults to 5 s, is bounded to 0.5-86400 s and must exceed three heartbeat periods."""
+    assert load(write_cluster(tmp_path)).node_timeout == 5.0
+    assert load(write_cluster(tmp_path, cluster={"node_timeout": 2})).node_timeout == 2.0
+    assert load(EXAMPLE).node_timeout == 5.0
+    for bad, phrase in ((0, "more than 0"), (0.1, "at least 0.5"), (1e6, "at most 86400"), (-1, "more than 0"),
+                        (float("nan"), "more than 0"), ("5", "number of seconds"), (True, "number of seconds")):
+        expect_error(write_cluster(tmp_path, cluster={"node_timeout": bad}), "cluster.node_timeout", phrase)
+    exc = expect_error(write_cluster(tmp_path, cluster={"node_timeout": 0.8, "heartbeat_period": 0.3,
+                                                        "election_timeout_min": 1.0, "election_timeout_max": 2.0}),
+                       "cluster.node_timeout", "three heartbeat periods")
+    assert "0.3" in str(exc)

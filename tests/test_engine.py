@@ -406,3 +406,75 @@ def test_issue6_d6_out_of_file_handles_the_raft_port_stays_open(follower: Callab
         f.engine.doTick(0.1)
         f.engine.doTick(0.1)
     assert len(f.transport._unknownConnections) >= 1
+
+
+# ------------------------------------------------- issue 8: liveness (item 3)
+
+
+def test_issue8_3_peer_ages_come_from_raft_traffic(follower: Callable[..., Follower]) -> None:
+    """Every message from a peer, a heartbeat included, refreshes its age; nobody is heard before."""
+    f = follower()
+    assert f.engine.peer_ages() == {}
+    f.deliver({"type": "append_entries", "term": 1, "commit_index": 0, "entries": [], "prevLogIdx": 1,
+               "prevLogTerm": 0})
+    ages = f.engine.peer_ages()
+    assert set(ages) == {f.leader_address} and 0 <= ages[f.leader_address] < 1
+
+
+def _tick_until(engines: list[Engine], predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    def step() -> Any:
+        for e in engines:
+            e.doTick(0.01)
+        return predicate()
+
+    wait_for(step, timeout, what, interval=0)
+
+
+def test_issue8_3_a_named_non_voter_is_heard_by_the_leader_under_its_address(tmp_path: Path) -> None:
+    """A non-voter with rc_identity names itself (HELLO), so the leader's peer_ages carry its address;
+    pysyncobj alone knows it only as an anonymous connection "0"."""
+    voter_address = f"127.0.0.1:{free_port()}"
+    conf = {"autoTick": False, "raftMinTimeout": 0.1, "raftMaxTimeout": 0.2, "appendEntriesPeriod": 0.02,
+            "password": "0123456789abcdef-secret"}
+    voter = Engine(voter_address, [], SyncObjConf(**conf), lambda c: {"ok": True})
+    engines = [voter]
+    try:
+        _tick_until(engines, voter._isLeader, 10, "the single voter to lead")
+        anonymous = Engine(None, [voter_address], SyncObjConf(**conf), lambda c: {"ok": True})
+        engines.append(anonymous)
+        _tick_until(engines, lambda: voter.getStatus()["readonly_nodes_count"] == 1, 10, "the non-voter to connect")
+        _tick_until(engines, lambda: len(voter.rc_heard) == 0 and anonymous.raftLastApplied > 0, 10, "a heartbeat")
+        assert voter.peer_ages() == {}  # heard, but nameless
+        named = Engine(None, [voter_address], SyncObjConf(**conf), lambda c: {"ok": True})
+        named.rc_identity = "127.0.0.1:7999"
+        engines.append(named)
+        _tick_until(engines, lambda: "127.0.0.1:7999" in voter.peer_ages(), 10, "the named non-voter to be heard")
+        first = voter.rc_heard["127.0.0.1:7999"]
+        _tick_until(engines, lambda: voter.rc_heard["127.0.0.1:7999"] > first, 10, "its answers to heartbeats")
+        assert named.raftLastApplied > 0  # it still replicates as before
+    finally:
+        for e in engines:
+            e.destroy()
+
+
+def test_issue8_3_a_greeting_is_taken_only_from_a_non_voter_and_never_for_a_voter(
+        follower: Callable[..., Follower]) -> None:
+    """HELLO names a non-voter's connection; a voter's address, a voter's connection or junk are ignored."""
+    from pysyncobj.node import Node
+
+    from raftcoord.engine import HELLO
+
+    f = follower()
+    t = f.transport
+    stranger = Node("0")
+    t._readonlyNodes.add(stranger)
+    for node, addr in ((stranger, f.leader_address), (stranger, 7), (stranger, "x" * 301), (f.leader, "10.0.0.9:1")):
+        t._onMessageReceived(node, {"type": HELLO, "addr": addr})
+    assert "10.0.0.9:1" not in f.engine.peer_ages() and t._rc_readonly_addr == {}
+    t._onMessageReceived(stranger, {"type": HELLO, "addr": "10.0.0.9:1"})
+    t._onMessageReceived(stranger, {"type": "next_node_idx", "next_node_idx": 1, "reset": False, "success": False})
+    assert set(f.engine.peer_ages()) == {"10.0.0.9:1"}
+    t.max_heard = 2
+    for i in range(5):
+        t._rc_hello(stranger, {"type": HELLO, "addr": f"10.0.1.{i}:1"})
+    assert len(f.engine.rc_heard) == 2 and "10.0.1.4:1" in f.engine.rc_heard

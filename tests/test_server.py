@@ -101,7 +101,8 @@ def test_issue6_d1_housekeeping_survives_status_errors(
         loop.call_soon_threadsafe(server.request_stop)
         thread.join(10)
     assert not thread.is_alive() and task[0].exception() is None
-    housekeeping = [r for r in caplog.records if r.name == "raftcoord.server" and "housekeeping" in r.getMessage()]
+    housekeeping = [r for r in caplog.records
+                    if r.name == "raftcoord.housekeeping" and "housekeeping" in r.getMessage()]
     assert 1 <= len(housekeeping) <= 2, caplog.text  # throttled: not one per second
     loop.close()
 
@@ -207,3 +208,28 @@ def test_issue6_d6_node_applies_client_connection_settings(tmp_path: Path) -> No
             await server.stop()
 
     asyncio.run(go())
+
+
+def test_issue8_3_node_server_records_joining_up_and_on_stop_leaving_down(tmp_path: Path) -> None:
+    """The served node's housekeeper writes joining then up, and NodeServer.stop writes leaving then down."""
+    from raftcoord.store import NodeStateSet
+
+    config = load_config(write_config(tmp_path), env={})
+    coord = Coordinator.memory("n1")
+    seen: list[str] = []
+    coord.backend.add_listener(lambda a: seen.extend(e.state.status.value for e in a.events
+                                                     if isinstance(e, NodeStateSet)))
+
+    async def go() -> None:
+        server = NodeServer(config, "n1", coordinator=coord)
+        await server.start()
+        try:
+            deadline = time.monotonic() + 10
+            while seen != ["joining", "up"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert seen == ["joining", "up"]
+        finally:
+            await server.stop()
+
+    asyncio.run(go())
+    assert seen == ["joining", "up", "leaving", "down"]

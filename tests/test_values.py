@@ -1100,3 +1100,14 @@ def test_decoded_message_can_be_reencoded(payload):
         TS_HEX,
     )
     Message.decode(data).encode()
+
+
+def test_issue8_3_node_state_annotations_are_local() -> None:
+    """role and heard_ago (issue 8 liveness) are neither encoded nor compared, and survive replace()."""
+    import dataclasses
+
+    plain = NodeState(host="n1", status="up", clock=7, timestamp=TS)  # type: ignore[arg-type]
+    annotated = dataclasses.replace(plain, role="leader", heard_ago=0.25)
+    assert annotated == plain and annotated.encode() == plain.encode()
+    assert (annotated.role, annotated.heard_ago) == ("leader", 0.25) and plain.role is None
+    assert "role" not in annotated.to_map() and NodeState.decode(annotated.encode()).heard_ago is None
