@@ -8,7 +8,8 @@ embeds it), registers one observer with ``include_own=True`` that appends
 message), and posts POSTS messages with payload ``NAME-i``, appending each
 acknowledged one to ``OUTDIR/NAME.acked``. After a restart it resumes the
 observer from the last clock in its ``.seen`` file (``since=``) and the
-posts after the last acknowledged one. ``OUTDIR/NAME.ready`` appears once
+posts after the last one it attempted (one in flight at a kill may have
+applied, so its payload is never posted twice). ``OUTDIR/NAME.ready`` appears once
 the observer is registered. Runs until SIGTERM or SIGKILL.
 """
 
@@ -41,8 +42,9 @@ def main() -> None:
     since = int(seen[-1].split()[0]) if seen else 0
     if seen_path.exists():  # drop a partial line left by a kill
         seen_path.write_text("".join(line + "\n" for line in seen))
-    acked = _complete_lines(acked_path)
-    first = max((int(line.rsplit("-", 1)[1]) for line in acked), default=-1) + 1
+    # A post in flight at a kill may have applied: never post that payload again.
+    attempted_path = outdir / f"{name}.attempted"
+    first = int(attempted_path.read_text() or -1) + 1 if attempted_path.exists() else 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -63,6 +65,7 @@ def main() -> None:
     with open(acked_path, "a") as acks:
         for i in range(first, posts):
             payload = f"{name}-{i}"
+            attempted_path.write_text(str(i))
             while not stop.is_set():
                 try:
                     coord.post_message("U", "C", payload)
