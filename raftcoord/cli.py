@@ -12,10 +12,12 @@ stderr ("Error: ...") and a non-zero exit code, never a traceback:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -23,7 +25,7 @@ from typing import Any, Final
 import click
 
 from raftcoord import __version__
-from raftcoord.errors import ConfigError, InvalidInputError, RaftcoordError, UnknownOutcomeError
+from raftcoord.errors import CompactedError, ConfigError, InvalidInputError, RaftcoordError, UnknownOutcomeError
 
 __all__ = ["main"]
 
@@ -73,6 +75,13 @@ class _Group(click.Group):
         except UnknownOutcomeError as exc:
             message = exc.message if "may have been applied" in exc.message else (
                 f"{exc.message} (the write may have been applied)")
+            raise _fail(message, exc.exit_code) from None
+        except CompactedError as exc:
+            message = exc.message
+            if exc.oldest_clock is not None and "oldest clock kept" not in message:
+                message += f" (the oldest clock kept is {exc.oldest_clock})"
+            if exc.compact_revision is not None and "compact" not in message:
+                message += f" (the oldest revision kept is {exc.compact_revision})"
             raise _fail(message, exc.exit_code) from None
         except RaftcoordError as exc:
             raise _fail(exc.message, exc.exit_code) from None
@@ -296,9 +305,10 @@ def chaos(nodes: int, duration: float, faults: str, seed: int | None, out: str |
     """Run the fault suite: a real cluster under faults, then every check; prints one JSON line.
 
     Starts NODES node processes, runs register, message and durability
-    workloads against them while injecting faults for DURATION seconds,
-    heals, kills and restarts the whole cluster, and checks linearizability,
-    message order, recovery, durability and agreement. Exit code 0 when every
+    workloads and a watch on every node against them while injecting faults
+    for DURATION seconds, heals, kills and restarts the whole cluster, and
+    checks linearizability, message order, recovery, durability, agreement
+    and watches. Exit code 0 when every
     check passed, 1 otherwise (the history and a report are then written).
     """
     import random
@@ -387,15 +397,38 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def nodes(ctx: click.Context, as_json: bool) -> None:
-    """Every node's state record."""
-    states = _target(ctx).client().nodes()
+    """Every node's state record, with its raft role and how long ago the leader heard it.
+
+    Only the leader hears every node: the answer of whichever node replies
+    first names the leader, which is then asked for its view (the first
+    answer is shown if the leader cannot be reached).
+    """
+    client = _target(ctx).client()
+
+    def check(out: Any) -> dict[str, Any]:
+        if not isinstance(out, dict) or not isinstance(out.get("nodes"), list) or \
+                not all(isinstance(n, dict) for n in out["nodes"]):
+            raise ValueError("nodes is not a list of objects")
+        return out
+
+    answer = client.call("GET", "/raftcoord/v1/nodes", check=check)
+    leader_url = answer.get("leader_client_url")
+    if answer.get("role") != "leader" and isinstance(leader_url, str) and leader_url:
+        try:
+            answer = client.call("GET", "/raftcoord/v1/nodes", endpoint=leader_url, check=check, retry=False)
+        except RaftcoordError as exc:
+            log.info("the leader's view is not available (%s); showing %s's", exc.message, answer.get("node"))
+    states = answer["nodes"]
     if as_json:
         _emit_json(states)
         return
     for n in states:
+        heard = n.get("heard_ago")
+        heard_text = f"heard={heard:.1f}s" if isinstance(heard, (int, float)) else "heard=-"
         click.echo("\t".join(_safe(x) for x in (
-            n.get("host"), n.get("status"), f"cluster={n.get('cluster', '')}", f"addr={n.get('addr', '')}",
-            f"clock={n.get('clock')}", n.get("timestamp"))))
+            n.get("host"), n.get("status"), f"role={n.get('raft_role') or '-'}", heard_text,
+            f"clock={n.get('clock')}", f"cluster={n.get('cluster', '')}", f"addr={n.get('addr', '')}",
+            n.get("timestamp"))))
 
 
 @main.command()
@@ -435,18 +468,61 @@ def delete(ctx: click.Context, key: str, prefix: bool) -> None:
 @click.argument("prefix", default="")
 @click.option("--limit", type=click.IntRange(0, 2**63 - 1), default=0, help="At most this many keys (0: all).")
 @click.option("--desc", is_flag=True, help="Descending key order.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list the node and message records, decoded, as <node HOST> and <message CLOCK TYPE>.")
 @json_option
 @serializable_option
 @click.pass_context
-def scan(ctx: click.Context, prefix: str, limit: int, desc: bool, as_json: bool, serializable: bool) -> None:
-    """List keys starting with PREFIX (all keys if omitted), with values."""
+def scan(ctx: click.Context, prefix: str, limit: int, desc: bool, show_all: bool, as_json: bool,
+         serializable: bool) -> None:
+    """List user keys starting with PREFIX (all user keys if omitted), with values."""
     out = _target(ctx).client().scan(_utf8(prefix, "PREFIX"), limit=limit, descending=desc,
-                                     serializable=serializable)
+                                     serializable=serializable, user_only=not show_all)
     if as_json:
-        _emit_json({**out, "kvs": [_kv_json(kv) for kv in out["kvs"]]})
+        _emit_json({**out, "kvs": [_record_json(kv) for kv in out["kvs"]]})
         return
     for kv in out["kvs"]:
-        click.echo(f"{_text(kv['key'])}\t{_text(kv['value'])}")
+        shown = _record_json(kv)
+        value = shown["value"] if "record" not in shown else json.dumps(shown["value"], sort_keys=True)
+        click.echo(f"{shown['key']}\t{value}")
+
+
+def _record_json(kv: dict[str, Any]) -> dict[str, Any]:
+    """A scanned key-value for display: a node or message record decoded, a user key as text."""
+    from raftcoord.keys import is_reserved
+
+    if not is_reserved(kv["key"]):
+        return _kv_json(kv)
+    from raftcoord.endpoint import to_json
+    from raftcoord.errors import DecodeError
+    from raftcoord.values import Message, NodeState
+
+    out = {**kv, "record": "node" if kv["key"].startswith(b"N") else "message", "key": _display_key(kv["key"])}
+    try:
+        if out["record"] == "node":
+            out["value"] = to_json(NodeState.decode(kv["value"]).to_map())
+        else:
+            out["value"] = _letters(to_json(Message.decode(kv["value"]).to_map()))
+    except DecodeError as exc:  # a record written by a newer version, or damaged
+        out["value"] = {"undecodable": _one_line(exc.message)}
+    return out
+
+
+def _display_key(key: bytes) -> str:
+    """A key as shown: a user key as text, a node or message record's as ``<node HOST>``, ``<message CLOCK TYPE>``."""
+    from raftcoord.errors import DecodeError
+    from raftcoord.keys import NodeKey, decode_key, is_reserved
+
+    if not is_reserved(key):
+        return _text(key)
+    kind = "node" if key.startswith(b"N") else "message"
+    try:
+        decoded = decode_key(key)
+    except DecodeError:
+        return f"<{kind} {key[2:].hex()}>"
+    if isinstance(decoded, NodeKey):
+        return f"<node {_safe(decoded.host)}>"
+    return f"<message {decoded.clock} {_letter(decoded.type)}>"
 
 
 @main.command()
@@ -479,18 +555,83 @@ def post(ctx: click.Context, type: str, event: str | None, payload: str | None, 
 @click.option("--since", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Only messages with a clock above this.")
 @click.option("--limit", type=click.IntRange(0, 2**63 - 1), default=0, help="At most this many messages (0: all).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new messages as they come (from now, or after --since) until Ctrl-C.")
 @json_option
 @click.pass_context
-def messages(ctx: click.Context, since: int | None, limit: int, as_json: bool) -> None:
-    """List messages in clock order."""
-    msgs = _target(ctx).client().messages(since=since, limit=limit)
+def messages(ctx: click.Context, since: int | None, limit: int, follow: bool, as_json: bool) -> None:
+    """List messages in clock order (with --follow, stream them: one line, or one JSON object, each)."""
+    client = _target(ctx).client()
+    if follow:
+        if limit:
+            raise InvalidInputError("--limit does not go with --follow", field="limit")
+        with _until_interrupted():
+            for m in client.follow_messages(since=since):
+                if as_json:
+                    click.echo(json.dumps(_letters(m), sort_keys=True, default=str))
+                else:
+                    click.echo(_message_line(m))
+        return
+    msgs = client.messages(since=since, limit=limit)
     if as_json:
-        _emit_json(msgs)
+        _emit_json([_letters(m) for m in msgs])
         return
     for m in msgs:
-        click.echo("\t".join(_safe(x) for x in (
-            m.get("clock"), _letter(m.get("type")), _letter(m.get("event")), f"from={m.get('from')}",
-            json.dumps(m.get("payload"), default=str), m.get("timestamp"))))
+        click.echo(_message_line(m))
+
+
+def _message_line(m: dict[str, Any]) -> str:
+    return "\t".join(_safe(x) for x in (
+        m.get("clock"), _letter(m.get("type")), _letter(m.get("event")), f"from={m.get('from')}",
+        json.dumps(m.get("payload"), default=str), m.get("timestamp")))
+
+
+@contextlib.contextmanager
+def _until_interrupted() -> Iterator[None]:
+    """Ctrl-C ends a stream normally (exit 0); a closed stdout (a pipe to ``head``) too."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+    except BrokenPipeError:
+        pass
+
+
+@main.command()
+@click.argument("prefix")
+@click.option("--rev", type=click.IntRange(1, 2**63 - 1), default=None,
+              help="Start at this revision (default: the next one); older kept revisions are replayed.")
+@click.option("--prev-kv", is_flag=True, help="Also show each key's value before the event.")
+@json_option
+@click.pass_context
+def watch(ctx: click.Context, prefix: str, rev: int | None, prev_kv: bool, as_json: bool) -> None:
+    """Print every change to keys starting with PREFIX ("" for all) until Ctrl-C.
+
+    One line per event: revision, PUT or DELETE, key, value (with --json,
+    one JSON object per event). Node and message records are shown decoded,
+    as in scan --all. If the node goes away the watch resumes on another
+    endpoint from the next revision, so no event is missed or repeated.
+    """
+    client = _target(ctx).client()
+    with _until_interrupted():
+        for answer in client.watch(_utf8(prefix, "PREFIX"), prefix=True, start_revision=rev, prev_kv=prev_kv):
+            for event in answer["events"]:
+                shown = _record_json(event["kv"]) if event["type"] == "PUT" else {"key": _display_key(event["kv"]["key"])}
+                prev = _record_json(event["prev_kv"]) if event["prev_kv"] is not None else None
+                if as_json:
+                    out = {"revision": answer["revision"], "type": event["type"], **shown}
+                    if prev is not None:
+                        out["prev_value"] = prev["value"]
+                    click.echo(json.dumps(out, sort_keys=True, default=str))
+                    continue
+                value = shown.get("value")
+                cells = [str(answer["revision"]), event["type"], shown["key"]]
+                if event["type"] == "PUT":
+                    cells.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+                if prev is not None:
+                    before = prev["value"]
+                    cells.append("prev=" + (before if isinstance(before, str) else json.dumps(before, sort_keys=True)))
+                click.echo("\t".join(cells))
 
 
 def _code_arg(text: str, name: str) -> str | int:
@@ -519,6 +660,17 @@ def _finite(text: str) -> float:
 
 
 def _letter(code: Any) -> str:
-    if isinstance(code, int) and 32 < code < 127:
+    if _is_letter(code):
         return chr(code)
     return "-" if code is None else str(code)
+
+
+def _is_letter(code: Any) -> bool:
+    return isinstance(code, int) and not isinstance(code, bool) and 32 < code < 127
+
+
+def _letters(message: Any) -> Any:
+    """A message's JSON with ``type`` and ``event`` as their letters (``"U"``) where they have one."""
+    if not isinstance(message, dict):
+        return message
+    return {k: chr(v) if k in ("type", "event") and _is_letter(v) else v for k, v in message.items()}

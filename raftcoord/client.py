@@ -45,11 +45,20 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from raftcoord.client_http import Endpoint, Malformed, MaybeSent, NotSent, exchange, parse_endpoint
+from raftcoord.client_http import (
+    Endpoint,
+    Malformed,
+    MaybeSent,
+    NotSent,
+    Stream,
+    exchange,
+    open_stream,
+    parse_endpoint,
+)
 
 from raftcoord.errors import (
     AuthError,
@@ -65,7 +74,7 @@ from raftcoord.errors import (
     UnknownOutcomeError,
     error_from_code,
 )
-from raftcoord.keys import prefix_end
+from raftcoord.keys import RESERVED_PREFIXES, prefix_end
 
 __all__ = ["Client", "b64", "check_timeout", "unb64"]
 
@@ -415,11 +424,40 @@ class Client:
         return dict(out["kvs"][0])
 
     def scan(
-        self, prefix: bytes, *, limit: int = 0, descending: bool = False, serializable: bool = False
+        self,
+        prefix: bytes,
+        *,
+        limit: int = 0,
+        descending: bool = False,
+        serializable: bool = False,
+        user_only: bool = False,
     ) -> dict[str, Any]:
-        """Every key under ``prefix`` (every key for an empty prefix)."""
+        """Every key under ``prefix`` (every key for an empty prefix).
+
+        ``user_only`` leaves out the node and message records (the keys under
+        the coordinator's headers): the range is read in up to three pieces
+        around them, one after another, so ``count`` and ``more`` are of the
+        user keys and ``revision`` is the newest of the pieces'.
+        """
         key, end = (prefix, prefix_end(prefix)) if prefix else (b"\x00", b"\x00")
-        return self.range(key, end, limit=limit, descending=descending, serializable=serializable)
+        if not user_only:
+            return self.range(key, end, limit=limit, descending=descending, serializable=serializable)
+        pieces = _without_reserved(key, end)
+        if descending:
+            pieces.reverse()
+        kvs: list[dict[str, Any]] = []
+        count, revision = 0, 0
+        for start, stop in pieces:
+            left = limit - len(kvs) if limit else 0
+            # Once the limit is reached, the other pieces are only counted.
+            out = self.range(start, stop, limit=left if left or not limit else 1, descending=descending,
+                             serializable=serializable, keys_only=bool(limit) and not left)
+            if not limit or left:
+                kvs.extend(out["kvs"])
+            count += out["count"]
+            revision = max(revision, out["revision"])
+        kvs = kvs[:limit] if limit else kvs
+        return {"kvs": kvs, "count": count, "more": count > len(kvs), "revision": revision}
 
     def delete(self, key: bytes, *, prefix: bool = False) -> int:
         """Delete a key (or every user key under a prefix); returns how many."""
@@ -492,6 +530,165 @@ class Client:
         )
 
 
+    # ------------------------------------------------------------ streams
+
+    def _open_stream(self, method: str, path: str, body: Any = None) -> Stream:
+        """Open a streaming answer on the first endpoint that gives one, within the timeout."""
+        payload = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+        deadline = time.monotonic() + self.timeout
+        last, backoff = "no endpoint was tried", 0.05
+        for round_no in itertools.count():
+            for ep in self._ordered():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait = min(left, self.dial_timeout * 2 ** min(round_no, 10))
+                try:
+                    out = open_stream(ep, method, path, payload, headers, wait=wait,
+                                      dial_timeout=min(self.dial_timeout, left),
+                                      max_response_bytes=self.max_response_bytes, ssl_context=self._ssl_context())
+                except (NotSent, MaybeSent, Malformed) as exc:
+                    last = str(exc)
+                    continue
+                if isinstance(out, Stream):
+                    self._preferred = ep
+                    return out
+                err, _code = _error(out.status, out.body, ep)
+                if out.status >= 500 or out.status == 429:
+                    last = f"{ep}: {err.message}"
+                    continue
+                raise err
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+            backoff = min(1.0, backoff * 2)
+        where = ", ".join(e.url for e in self._endpoints)
+        raise UnavailableError(f"no endpoint answered ({where}): {last}")
+
+    def _follow(self, open_at: Callable[[], Stream], idle_timeout: float | None) -> Iterator[Any]:
+        """The JSON lines of a stream, reopened (by ``open_at``, which resumes) whenever it breaks or ends."""
+        pause = 0.05
+        while True:
+            stream = open_at()
+            got = False
+            try:
+                for line in stream.lines(idle_timeout):
+                    got = True
+                    try:
+                        yield json.loads(line.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError, RecursionError):
+                        raise Malformed(f"{stream.endpoint}: a stream line is not JSON") from None
+            except OSError as exc:
+                log.info("stream from %s broke (%s); resuming", stream.endpoint, exc)
+                # Resume on the next node first: this one may be gone.
+                ordered = self._ordered()
+                if stream.endpoint in ordered and len(ordered) > 1:
+                    self._preferred = ordered[(ordered.index(stream.endpoint) + 1) % len(ordered)]
+            except Malformed as exc:
+                raise DecodeError(f"{exc} (is it a raftcoord endpoint?)") from None
+            finally:
+                stream.close()
+            # A node that ends streams at once must not make this a busy loop.
+            pause = 0.05 if got else min(1.0, pause * 2)
+            time.sleep(pause)
+
+    def watch(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        prefix: bool = False,
+        start_revision: int | None = None,
+        prev_kv: bool = False,
+        filters: Sequence[str] = (),
+        progress_notify: bool = False,
+        idle_timeout: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Watch a key or range through ``POST /v3/watch``; yields one answer per revision.
+
+        Each answer is ``{"revision", "events"}``; an event is ``{"type"
+        ("PUT" or "DELETE"), "kv", "prev_kv"}`` with kvs as :meth:`range`
+        gives them (``prev_kv`` None unless asked). With ``progress_notify``
+        an answer with no events reports the revision reached. The watch
+        starts at ``start_revision`` (None: the next revision). When the
+        stream breaks or the node ends it (it stops, or nothing arrived in
+        ``idle_timeout`` seconds), the watch resumes on another endpoint
+        from the next revision, so no revision is missed or repeated; if no
+        endpoint answers within the client's timeout it raises
+        UnavailableError. A start revision older than the kept history
+        raises CompactedError with ``compact_revision``.
+        """
+        if prefix:
+            range_end = prefix_end(key)
+        create: dict[str, Any] = {"key": b64(key)}
+        if range_end:
+            create["range_end"] = b64(range_end)
+        if prev_kv:
+            create["prev_kv"] = True
+        if filters:
+            create["filters"] = list(filters)
+        if progress_notify:
+            create["progress_notify"] = True
+        next_revision = start_revision or 0
+
+        def open_at() -> Stream:
+            body = {"create_request": {**create, **({"start_revision": next_revision} if next_revision else {})}}
+            return self._open_stream("POST", "/v3/watch", body)
+
+        for line in self._follow(open_at, idle_timeout):
+            if "error" in _object(line):
+                raise _stream_error(line["error"])
+            result = _object(line["result"])
+            revision = _uint(_object(result.get("header", {})).get("revision", 0), "revision")
+            if result.get("compact_revision"):
+                compact = _uint(result["compact_revision"], "compact_revision")
+                raise CompactedError(
+                    f"watch: revision {next_revision} was compacted; the oldest revision kept is {compact}",
+                    field="start_revision", compact_revision=compact)
+            if result.get("canceled"):
+                raise UnavailableError(f"watch canceled by the node: {result.get('cancel_reason') or 'no reason'}")
+            if result.get("created"):
+                if not next_revision:  # from now on: the node's revision when the watch began
+                    next_revision = revision + 1
+                continue
+            events = [_watch_event(e) for e in result.get("events", [])]
+            events = [e for e in events if e["kv"]["mod_revision"] >= next_revision]
+            if result.get("events") and not events:
+                continue  # a revision already yielded, sent again after a resume
+            if events:
+                revision = events[-1]["kv"]["mod_revision"]
+            if revision < next_revision - 1 or (not events and not progress_notify):
+                continue
+            next_revision = max(next_revision, revision + 1)
+            yield {"revision": revision, "events": events}
+
+    def follow_messages(self, since: int | None = None, *,
+                        idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Messages with a clock above ``since`` (None: from now on), then each new one, as they come.
+
+        Resumes on another endpoint after the last clock seen when the
+        stream breaks; a ``since`` below what is kept raises CompactedError
+        with ``oldest_clock``. Messages of every node are included.
+        """
+        last = since
+
+        def open_at() -> Stream:
+            query = {"follow": "1", "consistency": "serializable"}
+            if last is not None:
+                query["since"] = str(last)
+            return self._open_stream("GET", "/raftcoord/v1/messages?" + urllib.parse.urlencode(query))
+
+        for line in self._follow(open_at, idle_timeout):
+            if "error" in _object(line):
+                raise _stream_error(line["error"])
+            clock = _uint(line.get("clock"), "clock")
+            if last is not None and clock <= last:
+                continue
+            last = clock
+            yield line
+
+
 class _Resend(Exception):
     """A first attempt was refused for its session: register anew and send once more."""
 
@@ -500,7 +697,55 @@ class _Resend(Exception):
 _WRITE_PATHS: Final = frozenset({"/v3/kv/put", "/v3/kv/deleterange", "/v3/kv/txn", "/raftcoord/v1/messages"})
 
 
+def _without_reserved(key: bytes, end: bytes) -> list[tuple[bytes, bytes]]:
+    """``[key, end)`` (``end`` ``b"\\0"``: to the end) minus the coordinator's key ranges, in order."""
+    pieces = [(key, end)]
+    for reserved in RESERVED_PREFIXES:
+        stop = prefix_end(reserved)
+        kept = []
+        for lo, hi in pieces:
+            if lo < reserved:  # the part below the reserved range
+                kept.append((lo, reserved if hi == b"\x00" or hi > reserved else hi))
+            if hi == b"\x00" or hi > stop:  # the part above it
+                kept.append((max(lo, stop), hi))
+        pieces = kept
+    return pieces
+
+
 # ---------------------------------------------------------------- answers
+
+
+def _stream_error(error: Any) -> RaftcoordError:
+    """The error an ``{"error": ...}`` line of a stream stands for."""
+    data = _object(error)
+    message = data.get("message")
+    message = " ".join(message.split())[:_MAX_MESSAGE] if isinstance(message, str) and message else "stream error"
+    field = data.get("field") if isinstance(data.get("field"), str) else None
+    code = data.get("code") if isinstance(data.get("code"), str) else None
+    if code is not None:
+        return error_from_code(code, message, field, details=data)
+    status = data.get("http_code")
+    return _BY_STATUS.get(status if isinstance(status, int) else 0, RaftcoordError)(message, field=field)
+
+
+def _kv(kv: Any) -> dict[str, Any]:
+    kv = _object(kv)
+    return {
+        "key": unb64(kv.get("key")),
+        "value": unb64(kv.get("value")),
+        "create_revision": _uint(kv.get("create_revision", 0), "create_revision"),
+        "mod_revision": _uint(kv.get("mod_revision", 0), "mod_revision"),
+        "version": _uint(kv.get("version", 0), "version"),
+    }
+
+
+def _watch_event(event: Any) -> dict[str, Any]:
+    event = _object(event)
+    kind = event.get("type", "PUT")
+    if kind not in ("PUT", "DELETE"):
+        raise Malformed(f"event type {str(kind)[:20]!r} is not PUT or DELETE")
+    prev = event.get("prev_kv")
+    return {"type": kind, "kv": _kv(event["kv"]), "prev_kv": None if prev is None else _kv(prev)}
 
 
 def _decode(body: bytes) -> Any:
@@ -525,7 +770,7 @@ def _error(status: int, body: bytes, ep: Endpoint) -> tuple[RaftcoordError, str 
     field = data.get("field") if isinstance(data.get("field"), str) else None
     code = _code_of(data)
     if code is not None:
-        err = error_from_code(code, message, field)
+        err = error_from_code(code, message, field, details=data)
         if type(err) is not RaftcoordError:
             return err, code
     return _BY_STATUS.get(status, RaftcoordError)(message, field=field), code

@@ -16,23 +16,29 @@ Every wait is bounded by the caller's deadline, the whole answer included:
 a node that drips one byte a second cannot hold a caller past it. One
 connection per request (``Connection: close``): the CLI makes one or two
 requests per run, and no pooled socket can go stale.
+
+:func:`open_stream` sends a request whose answer stays open (a watch, a
+followed message box) and returns a :class:`Stream` that yields the body's
+lines as they arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from raftcoord.errors import InvalidInputError
 
-__all__ = ["Answer", "Endpoint", "Malformed", "MaybeSent", "NotSent", "exchange", "parse_endpoint"]
+__all__ = ["Answer", "Endpoint", "Malformed", "MaybeSent", "NotSent", "Stream", "exchange", "open_stream",
+           "parse_endpoint"]
 
 #: Longest accepted status line or header line of an answer.
 _MAX_LINE: Final = 65536
@@ -291,3 +297,112 @@ def exchange(ep: Endpoint, method: str, path: str, payload: bytes | None, header
             raise MaybeSent(f"{ep}: {_reason(exc)}") from None
     finally:
         sock.close()
+
+
+class Stream:
+    """An answer that stays open: status 200 and a body read as it arrives.
+
+    :meth:`lines` yields the body's lines (chunked or not) until the node
+    ends the answer; it raises ``OSError`` when the connection breaks, or
+    times out after ``idle_timeout`` seconds without a byte, and
+    :class:`Malformed` for a line longer than ``max_line`` bytes.
+    """
+
+    def __init__(self, ep: Endpoint, sock: socket.socket, reader: _Reader, headers: Mapping[str, str],
+                 max_line: int) -> None:
+        self.endpoint = ep
+        self._sock = sock
+        self._reader = reader
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self._max_line = max_line
+
+    def _read(self, idle_timeout: float | None) -> bytes:
+        """The next piece of the body; b"" at its end."""
+        self._sock.settimeout(idle_timeout)
+        file = self._reader.file
+        if not self._chunked:
+            return file.read1(65536)
+        size_line = file.readline(_MAX_LINE + 1)
+        if not size_line:
+            raise ConnectionResetError("the connection closed in the middle of the stream")
+        try:
+            size = int(size_line.split(b";")[0].strip(), 16)
+        except ValueError:
+            raise Malformed(f"{self.endpoint}: a malformed chunk size") from None
+        if size == 0:
+            return b""
+        if size > self._max_line:
+            raise Malformed(f"{self.endpoint}: a stream chunk is larger than {self._max_line} bytes")
+        data = file.read(size + 2)
+        if len(data) < size + 2:
+            raise ConnectionResetError("the connection closed in the middle of a chunk")
+        return data[:size]
+
+    def lines(self, idle_timeout: float | None = None) -> Iterator[bytes]:
+        """Each non-empty line of the body, as it arrives."""
+        buf = b""
+        while True:
+            data = self._read(idle_timeout)
+            if not data:
+                if buf.strip():
+                    yield buf
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    yield line
+            if len(buf) > self._max_line:
+                raise Malformed(f"{self.endpoint}: a stream line is longer than {self._max_line} bytes")
+
+    def close(self) -> None:
+        """Close the connection (the node ends the stream when it notices)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+def open_stream(ep: Endpoint, method: str, path: str, payload: bytes | None, headers: Mapping[str, str], *,
+                wait: float, dial_timeout: float, max_response_bytes: int,
+                ssl_context: ssl.SSLContext | None = None) -> Answer | Stream:
+    """Send a request that answers with a stream (a read: sent in one go).
+
+    Returns the open :class:`Stream` for a 200, else the whole error
+    :class:`Answer` (read within ``wait`` seconds). Raises NotSent when the
+    node cannot be reached or shows no sign of life within ``wait`` seconds,
+    MaybeSent or Malformed for a broken or garbled head.
+    """
+    try:
+        sock = socket.create_connection((ep.host, ep.port), timeout=dial_timeout)
+        if ep.scheme == "https":
+            sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=ep.host)
+    except OSError as exc:
+        raise NotSent(f"{ep}: cannot connect: {_reason(exc)}", alive=False) from None
+    try:
+        lines = [f"{method} {ep.prefix}{path} HTTP/1.1", f"Host: {ep.netloc}", "Accept: application/json"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if payload is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        sock.settimeout(wait)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b""))
+        reader = _Reader(sock, time.monotonic() + wait, max_response_bytes)
+        if not reader.wait(wait):
+            raise NotSent(f"{ep}: closed the connection without an answer", alive=False)
+        while True:
+            status, answer_headers = reader.head()
+            if not 100 <= status < 200:
+                break
+        if status != 200:
+            answer = Answer(status, reader.body(answer_headers), True)
+            sock.close()
+            return answer
+        return Stream(ep, sock, reader, answer_headers, max_response_bytes)
+    except socket.timeout:
+        sock.close()
+        raise NotSent(f"{ep}: no answer within {wait:g} s", alive=True) from None
+    except Malformed as exc:
+        sock.close()
+        raise Malformed(f"{ep}: {exc}") from None
+    except OSError as exc:
+        sock.close()
+        raise MaybeSent(f"{ep}: {_reason(exc)}") from None

@@ -14,17 +14,21 @@ Routes (etcd's gateway routes take POST with a JSON body)::
     POST /v3/kv/txn              TxnRequest         -> TxnResponse
     POST /v3/maintenance/status  {}                 -> StatusResponse
     POST /v3/cluster/member/list {}                 -> MemberListResponse
+    POST /v3/watch               WatchRequest...    -> a stream of {"result": WatchResponse} lines
     GET  /version                {"etcdserver", "etcdcluster", "raftcoord"}
     GET  /health                 200 {"health": "true"} | 503 {"health": "false", "reason"}
     GET  /raftcoord/v1/status    this node's status, "node", "client_url", "voter"
-    GET  /raftcoord/v1/nodes     {"nodes": [node state...], "revision"}
+    GET  /raftcoord/v1/nodes     {"nodes": [node state + "raft_role", "heard_ago"...], "revision",
+                                  "node", "role", "leader_client_url"}
     GET  /raftcoord/v1/messages  ?since=CLOCK&limit=N&consistency=...  (limit: default 1000, max 10000)
                                  -> {"messages", "more", "revision", "clock", "floor"}
+                                 ?since=CLOCK&follow=1 -> a stream: one message per line, then new ones
     POST /raftcoord/v1/messages  {"type", "event"?, "payload"?} -> {"message"}
     POST /raftcoord/v1/session   {}                 -> {"client"}
     GET  /raftcoord/v1/digest    {"revision", "applied", "sha256"} of this replica's snapshot
 
-Other ``/v3/`` paths (watch, leases, auth, ...) answer 501. etcd routes
+The two streams are :mod:`raftcoord.watch_http`'s. Other ``/v3/`` paths
+(leases, auth, ...) answer 501. etcd routes
 read linearizably unless the request says ``serializable``; raftcoord's GET
 routes take ``?consistency=serializable``. raftcoord's own JSON writes
 integers as numbers, bytes as base64 text and times as RFC 3339.
@@ -101,6 +105,7 @@ from raftcoord.httpserve import HEADER_TIMEOUT, MAX_CONNECTIONS, REFUSAL_LOG_BUR
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, MessageKey, prefix_end
 from raftcoord.store import KeyValue, Store
 from raftcoord.values import Message
+from raftcoord.watch_http import PROGRESS_INTERVAL, STREAMS, Streams
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -144,6 +149,7 @@ _ETCD_POST_ROUTES: Final = (
     "/v3/kv/txn",
     "/v3/maintenance/status",
     "/v3/cluster/member/list",
+    "/v3/watch",
 )
 _HTTP_CODES: Final = {
     401: "auth",
@@ -169,6 +175,7 @@ def make_app(
     node_name: str | None = None,
     *,
     body_timeout: float | None = None,
+    watch_progress_interval: float = PROGRESS_INTERVAL,
 ) -> web.Application:
     """The client endpoint of one node, serving ``coordinator``.
 
@@ -176,12 +183,14 @@ def make_app(
     limits; ``node_name`` (default: the coordinator's host) must be one of
     its nodes. A request body must arrive within ``body_timeout`` seconds
     (default: the config's ``client_body_timeout``, else :data:`BODY_TIMEOUT`).
+    A watch asking ``progress_notify`` hears of progress after
+    ``watch_progress_interval`` seconds without events.
     The application owns a thread pool, shut down on cleanup; the
     coordinator stays the caller's to close. Serve it with :func:`serve`.
     """
     if body_timeout is None:
         body_timeout = config.client_body_timeout if config is not None else BODY_TIMEOUT
-    endpoint = _Endpoint(coordinator, config, node_name, body_timeout)
+    endpoint = _Endpoint(coordinator, config, node_name, body_timeout, watch_progress_interval)
     app = web.Application(client_max_size=endpoint.max_request_bytes, middlewares=[endpoint.middleware])
     for path, handler in (
         ("/v3/kv/range", endpoint.kv_range),
@@ -200,7 +209,10 @@ def make_app(
     app.router.add_post("/raftcoord/v1/messages", endpoint.post_message)
     app.router.add_post("/raftcoord/v1/session", endpoint.session)
     app.router.add_get("/raftcoord/v1/digest", endpoint.digest)
+    app.router.add_post("/v3/watch", endpoint.streams.watch)
     app.router.add_route("*", "/v3/{tail:.*}", endpoint.unimplemented)
+    app.on_shutdown.append(endpoint.streams.shutdown)
+    app[STREAMS] = endpoint.streams
     app.on_cleanup.append(endpoint.cleanup)
     return app
 
@@ -209,7 +221,12 @@ class _Endpoint:
     """The handlers and their shared state; one per application."""
 
     def __init__(
-        self, coordinator: Coordinator, config: ClusterConfig | None, node_name: str | None, body_timeout: float
+        self,
+        coordinator: Coordinator,
+        config: ClusterConfig | None,
+        node_name: str | None,
+        body_timeout: float,
+        watch_progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
         self.coord = coordinator
         self.config = config
@@ -238,6 +255,7 @@ class _Endpoint:
         }
         self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="raftcoord-http")
         self.refusals = RefusalLog()
+        self.streams = Streams(self, progress_interval=watch_progress_interval)
 
     async def cleanup(self, app: web.Application) -> None:
         """Stop the worker threads (running calls finish on their own)."""
@@ -272,7 +290,8 @@ class _Endpoint:
         except RaftcoordError as exc:
             reason = exc.message
             headers = {"WWW-Authenticate": 'Bearer realm="raftcoord"'} if exc.http_status == 401 else None
-            response = self.error(request, exc.http_status, exc.message, exc.code, exc.field, headers)
+            details = {k: v for k, v in exc.to_dict().items() if k not in ("code", "message", "field")}
+            response = self.error(request, exc.http_status, exc.message, exc.code, exc.field, headers, details)
             if request.get(_BODY_UNREAD):
                 response.force_close()  # the rest of the body is not worth waiting for
         except web.HTTPException as exc:
@@ -311,8 +330,13 @@ class _Endpoint:
         code: str,
         field: str | None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> web.Response:
-        """The JSON error body, in etcd's shape under /v3/ and /version."""
+        """The JSON error body, in etcd's shape under /v3/ and /version.
+
+        ``details`` are what the error carries beyond its message (a
+        CompactedError's ``oldest_clock`` or ``compact_revision``).
+        """
         etcd = request.path.startswith("/v3/") or request.path == "/version"
         body: dict[str, Any] = {
             "error": message,
@@ -323,6 +347,8 @@ class _Endpoint:
             body["raftcoord_code"] = code
         if field is not None:
             body["field"] = field
+        for name, value in (details or {}).items():
+            body.setdefault(name, value)
         return web.json_response(body, status=status, headers=headers)
 
     async def body(self, request: web.Request) -> Any:
@@ -359,6 +385,15 @@ class _Endpoint:
         request[_BODY_UNREAD] = False
         if not raw.strip():
             return {}
+        return self.parse_json(raw)
+
+    @staticmethod
+    def body_unread(request: web.Request, unread: bool) -> None:
+        """Mark whether ``request``'s body is still being sent (an error answer then closes the connection)."""
+        request[_BODY_UNREAD] = unread
+
+    def parse_json(self, raw: bytes) -> Any:
+        """One JSON request object from ``raw``: UTF-8, no duplicate names, no NaN, bounded depth."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -567,19 +602,44 @@ class _Endpoint:
         return web.json_response(out)
 
     async def nodes(self, request: web.Request) -> web.Response:
-        """GET /raftcoord/v1/nodes."""
+        """GET /raftcoord/v1/nodes: records with this node's view of each ("raft_role", "heard_ago").
+
+        Only the leader hears every node, so the answer also names this
+        node ("node", "role") and the leader's client URL ("leader_client_url",
+        from the config) for a client that wants the leader's view.
+        """
+        from raftcoord.housekeeping import annotate_states
+
         consistency = _check_query(request, ("consistency",))
 
         def work() -> dict[str, Any]:
             states, revision = self.coord.read(lambda s: (s.node_states(), s.revision), consistency=consistency)
-            return {"nodes": [to_json(state.to_map()) for state in states], "revision": revision}
+            status = self.coord.status()
+            leader = status.get("leader")
+            leader_url = next((n.client_url for n in (self.config.nodes if self.config is not None else ())
+                               if leader and n.raft == leader), None)
+            return {
+                "nodes": [{**to_json(s.to_map()), "raft_role": s.role, "heard_ago": s.heard_ago}
+                          for s in annotate_states(states, status)],
+                "revision": revision,
+                "node": self.node_name,
+                "role": status.get("role"),
+                "leader_client_url": leader_url,
+            }
 
         return web.json_response(await self.run(work))
 
-    async def get_messages(self, request: web.Request) -> web.Response:
-        """GET /raftcoord/v1/messages."""
-        consistency = _check_query(request, ("since", "limit", "consistency"))
+    async def get_messages(self, request: web.Request) -> web.StreamResponse:
+        """GET /raftcoord/v1/messages (with ``follow=1``: a stream, see :mod:`raftcoord.watch_http`)."""
+        consistency = _check_query(request, ("since", "limit", "consistency", "follow"))
         since = _query_uint(request, "since")
+        follow = request.query.get("follow", "0")
+        if follow not in ("0", "1", "true", "false"):
+            raise InvalidInputError(f"follow: {follow[:40]!r} is not 1 or 0", field="follow")
+        if follow in ("1", "true"):
+            if "limit" in request.query:
+                raise InvalidInputError("limit: not with follow (a stream has no end)", field="limit")
+            return await self.streams.follow(request, since, consistency)
         limit = _query_uint(request, "limit")
         if limit is None:
             limit = DEFAULT_MESSAGE_LIMIT
@@ -590,9 +650,12 @@ class _Endpoint:
             # Only references under the state lock: decoding and encoding
             # happen after it, within the response budget.
             if since is not None and since < store.message_floor:
+                oldest = store.oldest_clock
                 raise CompactedError(
-                    f"messages up to clock {store.message_floor} were purged; cannot resume from {since}",
+                    f"messages up to clock {store.message_floor} were purged; the oldest clock kept is "
+                    f"{oldest}; cannot resume from {since}",
                     field="since",
+                    oldest_clock=oldest,
                 )
             if since is not None and since >= MAX_CLOCK:
                 kvs: tuple[KeyValue, ...] = ()

@@ -39,6 +39,9 @@ from raftcoord.errors import CompactedError, InvalidInputError, LimitExceededErr
 __all__ = [
     "ETCD_VERSION",
     "RangeQuery",
+    "WatchCancel",
+    "WatchCreate",
+    "WatchProgress",
     "b64",
     "check_request",
     "delete_command",
@@ -48,12 +51,16 @@ __all__ = [
     "kv_json",
     "parse_range",
     "put_command",
+    "parse_watch_request",
     "put_response",
     "range_response",
     "range_txn",
+    "stream_error",
     "txn_command",
     "txn_response",
     "uint_str",
+    "watch_event_json",
+    "watch_response",
 ]
 
 #: The etcd API version this endpoint speaks (sent by ``GET /version``).
@@ -149,6 +156,24 @@ _OTHER_REQUESTS: Final[dict[str, dict[str, Any]]] = {
     "StatusRequest": {},
     "MemberListRequest": {"linearizable": BOOL},
 }
+
+_FILTER_TYPE: Final = _Enum("NOPUT", "NODELETE")
+_WATCH_REQUEST: Final[dict[str, Any]] = {
+    "create_request": "object",
+    "cancel_request": "object",
+    "progress_request": "object",
+}
+_WATCH_CREATE_REQUEST: Final[dict[str, Any]] = {
+    "key": BYTES,
+    "range_end": BYTES,
+    "start_revision": INT64,
+    "progress_notify": BOOL,
+    "filters": "list",
+    "prev_kv": BOOL,
+    "watch_id": INT64,
+    "fragment": BOOL,
+}
+_WATCH_CANCEL_REQUEST: Final[dict[str, Any]] = {"watch_id": INT64}
 
 _INT_TEXT: Final = re.compile(r"^-?[0-9]{1,20}$")
 _B64_TEXT: Final = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
@@ -555,6 +580,121 @@ def txn_response(result: Mapping[str, Any]) -> dict[str, Any]:
     if responses:
         out["responses"] = responses
     return out
+
+
+# --------------------------------------------------------------------------
+# Watch
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchCreate:
+    """A checked ``WatchCreateRequest``; ``range_end`` as given (etcd's rules apply)."""
+
+    key: bytes
+    range_end: bytes = b""
+    #: 0: from the next revision.
+    start_revision: int = 0
+    progress_notify: bool = False
+    filters: tuple[str, ...] = ()
+    prev_kv: bool = False
+    #: 0: the server picks one.
+    watch_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCancel:
+    """A checked ``WatchCancelRequest``."""
+
+    watch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgress:
+    """A ``WatchProgressRequest``: report the revision every watch of the stream has reached."""
+
+
+def parse_watch_request(body: Any) -> WatchCreate | WatchCancel | WatchProgress:
+    """One ``WatchRequest`` of a watch stream: exactly one of create, cancel or progress."""
+    f = _fields(body, _WATCH_REQUEST, "", "WatchRequest")
+    if len(f) != 1:
+        problem = "is empty" if not f else f"sets {len(f)} requests"
+        raise _bad("body", f"the WatchRequest {problem}; set exactly one of {', '.join(_WATCH_REQUEST)}")
+    (name, inner), = f.items()
+    if name == "progress_request":
+        _fields(inner, {}, name, "WatchProgressRequest")
+        return WatchProgress()
+    if name == "cancel_request":
+        c = _fields(inner, _WATCH_CANCEL_REQUEST, name, "WatchCancelRequest")
+        return WatchCancel(c.get("watch_id", 0))
+    c = _fields(inner, _WATCH_CREATE_REQUEST, name, "WatchCreateRequest")
+    if c.get("fragment"):
+        raise _bad(f"{name}.fragment", "fragmented watch responses are not supported by raftcoord")
+    filters = []
+    for i, raw in enumerate(c.get("filters", [])):
+        kind = _convert(raw, _FILTER_TYPE, f"{name}.filters[{i}]")
+        if kind not in filters:
+            filters.append(kind)
+    key, range_end = c.get("key", b""), c.get("range_end", b"")
+    if not key and range_end == b"\0":
+        key = b"\0"  # every key: etcd reads an empty key with range_end "\0" so
+    if not key:
+        raise _bad(f"{name}.key", "key is not provided (it must be non-empty base64)")
+    return WatchCreate(
+        key=key,
+        range_end=range_end,
+        start_revision=_uint(c.get("start_revision", 0), f"{name}.start_revision"),
+        progress_notify=c.get("progress_notify", False),
+        filters=tuple(filters),
+        prev_kv=c.get("prev_kv", False),
+        watch_id=_uint(c.get("watch_id", 0), f"{name}.watch_id"),
+    )
+
+
+def watch_event_json(event: Any) -> dict[str, Any]:
+    """A watch event (``type``, ``kv``, ``prev_kv``) as an ``mvccpb.Event``; PUT, the default, is left out."""
+    out: dict[str, Any] = {"kv": kv_json(event.kv)}
+    if event.type == "DELETE":
+        out["type"] = "DELETE"
+    if event.prev_kv is not None:
+        out["prev_kv"] = kv_json(event.prev_kv)
+    return out
+
+
+def watch_response(
+    header: Mapping[str, Any],
+    watch_id: int,
+    *,
+    events: tuple[Any, ...] | list[Any] = (),
+    created: bool = False,
+    canceled: bool = False,
+    compact_revision: int = 0,
+    cancel_reason: str = "",
+) -> dict[str, Any]:
+    """One line of the gateway's watch stream: ``{"result": WatchResponse}``, defaults left out."""
+    result: dict[str, Any] = {"header": dict(header)}
+    if watch_id:
+        result["watch_id"] = str(int(watch_id))
+    if created:
+        result["created"] = True
+    if canceled:
+        result["canceled"] = True
+    if compact_revision:
+        result["compact_revision"] = uint_str(compact_revision)
+    if cancel_reason:
+        result["cancel_reason"] = cancel_reason
+    if events:
+        result["events"] = [watch_event_json(e) for e in events]
+    return {"result": result}
+
+
+def stream_error(status: int, message: str) -> dict[str, Any]:
+    """An error inside a stream whose head was sent already, as grpc-gateway writes one."""
+    return {"error": {"grpc_code": grpc_code(status), "http_code": status, "message": message,
+                      "http_status": _HTTP_REASONS.get(status, "Error")}}
+
+
+_HTTP_REASONS: Final = {400: "Bad Request", 410: "Gone", 413: "Request Entity Too Large", 500: "Internal Server Error",
+                        503: "Service Unavailable"}
 
 
 # --------------------------------------------------------------------------

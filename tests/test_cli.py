@@ -246,3 +246,75 @@ def test_put_get_del_post_messages_against_a_fake_node(cluster: FakeCluster) -> 
 def test_issue6_d13_payload_out_of_range_is_an_error() -> None:
     """--payload 1e400 is refused (it would become infinity), not sent."""
     assert "out of range" in one_line_error(invoke("--endpoints", refused_addr(), "post", "U", "--payload", "1e400"), 2)
+
+
+# ----------------------------------------------------------------- issue 8
+
+
+@pytest.fixture
+def real_node() -> Iterator[Any]:
+    """The real endpoint over a memory coordinator (node n1, state up), on a real socket."""
+    from raftcoord.coordinator import Coordinator
+    from test_issue8_watch_http import Served
+
+    coordinator = Coordinator.memory("n1", cluster="t")
+    coordinator.set_node_state("up", addr="127.0.0.1:7001")
+    served = Served(coordinator)
+    try:
+        yield served
+    finally:
+        served.stop()
+        coordinator.close()
+
+
+def test_issue8_5_messages_show_type_and_event_letters(real_node: Any) -> None:
+    """messages shows type and event as letters (U, C) in text and in JSON, not byte codes 85, 67."""
+    real_node.coordinator.post_message("U", "C", {"a": 1})
+    real_node.coordinator.post_message(7)  # not a printable letter: stays a number
+    text = invoke("--endpoints", real_node.addr, "messages")
+    assert text.exit_code == 0, text.output
+    first, second = text.output.splitlines()
+    assert first.split("\t")[1:3] == ["U", "C"] and second.split("\t")[1:3] == ["7", "-"]
+    result = invoke("--endpoints", real_node.addr, "messages", "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert (shown[0]["type"], shown[0]["event"], shown[0]["payload"]) == ("U", "C", {"a": 1})
+    assert shown[1]["type"] == 7 and "event" not in shown[1]
+
+
+def test_issue8_5_scan_without_prefix_lists_user_keys_only(real_node: Any) -> None:
+    """scan with no prefix lists user keys (also ones starting with M or N), no node or message records."""
+    coordinator = real_node.coordinator
+    coordinator.post_message("U", "C")
+    for key in (b"a", b"M", b"Mx", b"N", b"Nz", b"zz"):
+        coordinator.put(key, b"v-" + key)
+    result = invoke("--endpoints", real_node.addr, "scan")
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.output.splitlines()] == ["M", "Mx", "N", "Nz", "a", "zz"]
+    shown = json.loads(invoke("--endpoints", real_node.addr, "scan", "--json").output)
+    assert [kv["key"] for kv in shown["kvs"]] == ["M", "Mx", "N", "Nz", "a", "zz"] and shown["count"] == 6
+    limited = json.loads(invoke("--endpoints", real_node.addr, "scan", "--limit", "3", "--json").output)
+    assert [kv["key"] for kv in limited["kvs"]] == ["M", "Mx", "N"] and limited["more"] is True
+    desc = invoke("--endpoints", real_node.addr, "scan", "--desc", "--limit", "3")
+    assert [line.split("\t")[0] for line in desc.output.splitlines()] == ["zz", "a", "Nz"]
+    under_n = invoke("--endpoints", real_node.addr, "scan", "N", "--serializable")
+    assert [line.split("\t")[0] for line in under_n.output.splitlines()] == ["N", "Nz"]
+
+
+def test_issue8_5_scan_all_shows_records_decoded(real_node: Any) -> None:
+    """scan --all shows node and message records decoded (state, message fields), never raw CBOR."""
+    real_node.coordinator.post_message("U", "C", {"a": 1})
+    real_node.coordinator.put(b"k", b"v")
+    result = invoke("--endpoints", real_node.addr, "scan", "--all")
+    assert result.exit_code == 0, result.output
+    assert "\\x" not in result.output and "\x11" not in result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("<message 2 U>\t") and json.loads(lines[0].split("\t", 1)[1])["event"] == "C"
+    assert lines[1].startswith("<node n1>\t") and json.loads(lines[1].split("\t", 1)[1])["status"] == "up"
+    assert lines[2] == "k\tv"
+    shown = json.loads(invoke("--endpoints", real_node.addr, "scan", "--all", "--json").output)
+    message, node_kv, user = shown["kvs"]
+    assert message["record"] == "message" and message["value"]["type"] == "U"
+    assert message["value"]["payload"] == {"a": 1}
+    assert node_kv["record"] == "node" and node_kv["value"]["host"] == "n1" and node_kv["value"]["status"] == "up"
+    assert user["key"] == "k" and user["value"] == "v" and "record" not in user

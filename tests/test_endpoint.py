@@ -451,8 +451,10 @@ def test_empty_body_is_an_empty_request(api: Api) -> None:
 
 def test_unknown_routes_and_methods(api: Api) -> None:
     """Other /v3/ paths are 501, a wrong method 405 with Allow, unknown paths 404: all JSON."""
-    status, out = api.post("/v3/watch", {})
-    assert (status, out["code"]) == (501, 12) and "/v3/watch" in out["error"]
+    status, out = api.post("/v3/lease/grant", {})
+    assert (status, out["code"]) == (501, 12) and "/v3/lease/grant" in out["error"]
+    status, out = api.post("/v3/watch", {})  # empty: no WatchRequest in it
+    assert (status, out["code"], out["field"]) == (400, 3, "body")
     status, out, headers = api.request("GET", "/v3/kv/put")
     assert (status, out["code"], headers["Allow"]) == (405, 12, "POST")
     status, out = api.get("/nowhere")
@@ -1082,3 +1084,34 @@ def test_digest_refused_over_max_keys(coord: Coordinator, api: Api, monkeypatch:
     status, out = api.get("/raftcoord/v1/digest")
     assert status == 400 and out["code"] == "limit_exceeded" and "more than 2," in out["message"], out
     assert api.get("/raftcoord/v1/digest?consistency=linearizable")[1]["field"] == "consistency"
+
+
+# ----------------------------------------------------------------- issue 8: watch requests
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"create_request": {"key": "YQ==", "fragment": True}}, "create_request.fragment"),
+    ({"create_request": {"key": "YQ==", "filters": ["NOPE"]}}, "create_request.filters[0]"),
+    ({"create_request": {"key": "YQ==", "start_revision": "-1"}}, "create_request.start_revision"),
+    ({"create_request": {"key": "YQ==", "nope": 1}}, "create_request.nope"),
+    ({"create_request": {"range_end": "Yg=="}}, "create_request.key"),
+    ({"cancel_request": {"watch_id": "x"}}, "cancel_request.watch_id"),
+    ({"progress_request": {"x": 1}}, "progress_request.x"),
+    ({"create_request": {"key": "YQ=="}, "cancel_request": {}}, "body"),
+    ({}, "body"),
+], ids=["fragment", "filter", "negative-start", "unknown", "no-key", "cancel-id", "progress-field", "two", "none"])
+def test_issue8_4_bad_watch_requests_name_the_field(body: Any, field: str) -> None:
+    """Each malformed WatchRequest is an InvalidInputError naming the field that is wrong."""
+    with pytest.raises(InvalidInputError) as info:
+        etcd_json.parse_watch_request(body)
+    assert info.value.field == field
+
+
+def test_issue8_4_watch_request_shapes() -> None:
+    """create (camelCase too, numeric filters, key "" with range_end "\\0" = every key), cancel and progress."""
+    create = etcd_json.parse_watch_request({"create_request": {
+        "key": "", "rangeEnd": "AA==", "startRevision": 5, "prevKv": True, "filters": [1, "NOPUT", 1]}})
+    assert create == etcd_json.WatchCreate(key=b"\0", range_end=b"\0", start_revision=5, prev_kv=True,
+                                           filters=("NODELETE", "NOPUT"))
+    assert etcd_json.parse_watch_request({"cancel_request": {"watch_id": "3"}}) == etcd_json.WatchCancel(3)
+    assert etcd_json.parse_watch_request({"progress_request": {}}) == etcd_json.WatchProgress()

@@ -304,3 +304,50 @@ def test_issue6_d2_oversized_chunked_body_is_413(served: Served) -> None:
             pass  # the server may close before the client finished
         data = read_response(sock, timeout=5)
         assert status_of(data) == 413 and b"max_request_bytes" in data, data[:300]
+
+
+# ------------------------------------------------------------ issue 8: the watch stream
+
+
+def test_issue8_4_watch_request_that_never_ends_is_408(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    """A first watch request that stops halfway gets a 408 and a closed connection after the body timeout."""
+    with caplog.at_level(logging.INFO), served.connect() as sock:
+        sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"10\r\n{\"create_request\r\n")
+        closed, data = closed_within(sock, BODY_TIMEOUT + 5)
+        assert closed and status_of(data) == 408, data[:300]
+    no_traceback(caplog)
+    assert serving(served)
+
+
+def test_issue8_4_watch_request_larger_than_the_limit_is_413(served: Served) -> None:
+    """One watch request object growing past max_request_bytes is a 413 naming it, without reading it all."""
+    from raftcoord.endpoint import MAX_BODY_BYTES
+
+    chunk = b"x" * 65536
+    with served.connect() as sock:
+        start = b'{"create_request": "'
+        sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(start) + start + b"\r\n")
+        try:
+            for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except OSError:
+            pass  # the server may close before the client finished
+        data = read_response(sock, timeout=5)
+        assert status_of(data) == 413 and b"max_request_bytes" in data, data[:300]
+
+
+@pytest.mark.parametrize("body", [b"xyz", b"{\"create_request\": {\"key\": \"YQ==\"}} 7", b"\xff{}"],
+                         ids=["not-json", "trailing-number", "not-utf8"])
+def test_issue8_4_watch_body_that_is_not_json_objects_is_400(served: Served, body: bytes,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A watch body that is not a sequence of JSON objects: 400 at once, or an error line ending the stream."""
+    with caplog.at_level(logging.INFO):
+        data = served.request(post("/v3/watch", body))
+    if body.startswith(b"{"):  # the first request is good: the stream starts, then ends with an error line
+        assert status_of(data) == 200 and b'"error"' in data and b'"http_code":400' in data, data[:500]
+    else:
+        assert status_of(data) == 400, data[:300]
+    no_traceback(caplog, most=2)
+    assert serving(served)
