@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -272,14 +273,22 @@ def _explain(summary: dict[str, Any], proc: subprocess.CompletedProcess[str]) ->
 @pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
-    """45 s of kills, pauses and partitions on 3 nodes: every check holds, one JSON line, exit code 0."""
+    """45 s of kills, pauses and partitions on 3 nodes: every check holds (the watches on every node too,
+    resumed after the faults; retention purges ran), one JSON line, exit code 0."""
     summary, proc = _chaos(tmp_path, "--nodes", "3", "--duration", "45", "--faults", "kill,pause,partition",
                            "--seed", "7", "-v", timeout=170)
     print(json.dumps(summary))
     assert set(summary) == {"seed", "nodes", "duration", "operations", "faults", "checks", "ok", "history"}
     assert summary["checks"] == {name: True for name in
-                                 ("linearizable", "messages", "recovery", "durability", "agreement")}, \
+                                 ("linearizable", "messages", "recovery", "durability", "agreement", "watches")}, \
         _explain(summary, proc)
+    watched = re.search(r"watches: n1: (\d+) events, (\d+) resumes; n2: (\d+) events, (\d+) resumes; "
+                        r"n3: (\d+) events, (\d+) resumes", proc.stderr)
+    assert watched, proc.stderr[-3000:]
+    counts = [int(x) for x in watched.groups()]
+    assert min(counts[0::2]) > 100 and sum(counts[1::2]) >= 1, watched.group(0)  # a kill made a watch resume
+    floor = re.search(r"message lists read: purge floor (\d+)", proc.stderr)
+    assert floor and int(floor.group(1)) > 0, "no retention purge ran during the run"
     assert summary["ok"] is True and proc.returncode == 0 and summary["history"] is None
     assert (summary["seed"], summary["nodes"], summary["duration"]) == (7, 3, 45.0)
     assert sum(summary["faults"].values()) >= 4 and set(summary["faults"]) <= {"kill", "pause", "partition"}

@@ -8,7 +8,9 @@ pure ones can be tested without a cluster:
 - ``cluster`` and ``nemesis``: starting a cluster of real processes and injecting and
   healing faults (kill, pause, partition);
 - ``workload`` and ``runner``: the client workloads, the checks that need a cluster, and
-  the loop that ties everything together into one JSON summary line.
+  the loop that ties everything together into one JSON summary line;
+- ``watches``: a ``/v3/watch`` kept open on every node through the faults, and the
+  check of what it delivered (pure, tested on hand-made logs).
 
 Nothing is imported here so that ``import raftcoord.chaos`` stays cheap.
 """

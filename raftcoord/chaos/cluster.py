@@ -67,6 +67,9 @@ ELECTION_TIMEOUT_MIN = 0.4
 ELECTION_TIMEOUT_MAX = 1.2
 HEARTBEAT_PERIOD = 0.1
 REQUEST_TIMEOUT = 5
+#: Messages kept: small, so the leader's retention purges (at its start and every 30 s) remove some
+#: during a run and the message checks meet a purge floor (the default, 10,000, is never reached).
+MESSAGE_RETENTION_COUNT = 25
 #: Most nodes in one chaos cluster (Raft wants 3 to 7 voters; more only slows the run).
 MAX_NODES = 15
 #: "0" forces the proxy network, "1" requires namespaces, when the caller passes netns=None.
@@ -197,6 +200,7 @@ class ChaosCluster:
             f"election_timeout_min = {ELECTION_TIMEOUT_MIN}",
             f"election_timeout_max = {ELECTION_TIMEOUT_MAX}",
             f"heartbeat_period = {HEARTBEAT_PERIOD}",
+            f"message_retention_count = {MESSAGE_RETENTION_COUNT}",
             "",
         ]
         for name in self.names:

@@ -3,7 +3,9 @@
 Theory of operation. :func:`run` starts a :class:`~raftcoord.chaos.cluster.ChaosCluster`,
 starts the workloads of :mod:`raftcoord.chaos.workload` on threads (per node: a
 register client pinned to the node and one that fails over, a message poster
-pinned to the node, a durability writer that fails over), and, for
+pinned to the node, a durability writer that fails over) and, unless
+``watches`` is off, a ``/v3/watch`` on every node (:mod:`raftcoord.chaos.watches`,
+opened first, resumed after each fault), and, for
 ``duration`` seconds, a nemesis loop that waits a few seconds, injects a
 fault of a kind drawn from ``faults`` with ``random.Random(seed)``, keeps it
 2-6 s and heals it. Then it heals everything and checks, in this order:
@@ -12,11 +14,17 @@ fault of a kind drawn from ``faults`` with ``random.Random(seed)``, keeps it
    own endpoint within 10 s of the last heal (the workers stop meanwhile);
 2. messages: every node's list is the same sequence, strictly increasing
    clocks, every acknowledged post once, nothing never posted;
-3. durability (after healing): every acknowledged write on every node;
-4. agreement: the nodes' snapshot digests are equal at an equal applied count;
-5. durability (after a kill -9 of every node and a restart): the writes and
+3. watches: each node's watch delivered every change under the workloads'
+   prefix in revision order, once, atomically, replaying to the final state,
+   the same on every node; a compacted answer on resume fails it;
+4. durability (after healing): every acknowledged write on every node;
+5. agreement: the nodes' snapshot digests are equal at an equal applied count;
+6. durability (after a kill -9 of every node and a restart): the writes and
    the acknowledged messages are all still there;
-6. linearizability of the register history (the checker, with a time budget).
+7. linearizability of the register history (the checker, with a time budget).
+
+The cluster keeps few messages (a small ``message_retention_count``), so the
+leader's retention purges run during the run and the message checks see them.
 
 Everything is bounded: the operation budget, each client call's timeout,
 every wait. The summary is one JSON line; when a check fails the history
@@ -43,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from raftcoord.chaos import checker, workload
+from raftcoord.chaos import checker, watches, workload
 from raftcoord.chaos.history import History
 from raftcoord.client import Client
 from raftcoord.errors import InvalidInputError, RaftcoordError, UnavailableError
@@ -62,8 +70,12 @@ CONVERGE_TIMEOUT: Final = 15.0
 #: The default register operation budget's ceiling.
 MAX_OPS: Final = 30_000
 HISTORY_FILE: Final = "history.jsonl"
+#: What each node's watch delivered, written when the watches check fails.
+WATCHES_FILE: Final = "watches.jsonl"
 REPORT_FILE: Final = "report.txt"
-CHECKS: Final = ("linearizable", "messages", "recovery", "durability", "agreement")
+CHECKS: Final = ("linearizable", "messages", "recovery", "durability", "agreement", "watches")
+#: Seconds each node's watch has, after the final state is read, to deliver up to it.
+WATCH_CATCH_UP: Final = 15.0
 
 
 @dataclass
@@ -84,6 +96,8 @@ class ChaosOptions:
     fault_length: tuple[float, float] = (2.0, 6.0)
     fault_gap: tuple[float, float] = (1.0, 3.0)
     checker_budget: float = 60.0
+    #: Keep a /v3/watch open on every node and check what it delivered (the "watches" check).
+    watches: bool = True
 
 
 @dataclass
@@ -100,6 +114,7 @@ class _Run:
     faults: Counter[str] = field(default_factory=Counter)
     checks: dict[str, bool] = field(default_factory=dict)
     details: dict[str, list[str]] = field(default_factory=dict)
+    watch_logs: dict[str, watches.WatchLog] = field(default_factory=dict)
 
     def note(self, what: str) -> None:
         self.events.append(_Event(time.monotonic() - self.t0, what))
@@ -271,7 +286,7 @@ def _guard(state: _Run, name: str, fn: Callable[[], None]) -> None:
 
 def _after_heal(cluster: Any, checkers: dict[str, tuple[Client, str]], healed: float,
                 threads: list[threading.Thread], state: _Run, run_id: str, messages: workload.Messages,
-                durable: workload.Durable) -> None:
+                durable: workload.Durable, watchers: dict[str, watches.Watcher]) -> None:
     """Every check that needs the cluster, in the order of the module docstring."""
 
     def recovery() -> None:
@@ -293,7 +308,22 @@ def _after_heal(cluster: Any, checkers: dict[str, tuple[Client, str]], healed: f
         found = _converged_lists(checkers, run_id, CONVERGE_TIMEOUT)
         before.lists, before.floors, before.errors = found.lists, found.floors, found.errors
         result = found.check(messages)
+        floor = max(found.floors.values(), default=0)
+        state.note(f"message lists read: purge floor {floor}, "
+                   f"{max((len(v) for v in found.lists.values()), default=0)} messages kept")
         state.verdict("messages", result.ok, result.problems)
+
+    def watch_delivery() -> None:
+        if not watchers:
+            return
+        node = next(iter(checkers))
+        client, url = checkers[node]
+        try:
+            result = watches.finish(watchers, client, url, timeout=WATCH_CATCH_UP)
+        finally:
+            state.note(f"watches: {watches.summary(list(watchers.values()))}")
+            state.watch_logs = {node: w.log for node, w in watchers.items()}
+        state.verdict("watches", result.ok, result.problems)
 
     def durability_after_heal() -> None:
         result = _check_durable(checkers, durable)
@@ -320,7 +350,8 @@ def _after_heal(cluster: Any, checkers: dict[str, tuple[Client, str]], healed: f
                 problems.append(f"{node}: the message list after the restart does not extend the one before")
         state.verdict("durability", not problems, [f"after the full restart: {p}" for p in problems])
 
-    for name, check in (("recovery", recovery), ("messages", message_order), ("durability", durability_after_heal),
+    for name, check in (("recovery", recovery), ("messages", message_order), ("watches", watch_delivery),
+                        ("durability", durability_after_heal),
                         ("agreement", agreement), ("durability", durability_after_restart)):
         _guard(state, name, check)
 
@@ -365,11 +396,16 @@ def _run(options: ChaosOptions, cluster_factory: Callable[..., Any] | None, clas
          registers: workload.Registers, messages: workload.Messages, durable: workload.Durable,
          stop: threading.Event, root: Path) -> dict[str, Any]:
     cluster = None
+    watchers: dict[str, watches.Watcher] = {}
     try:
         cluster = _start_cluster(options, root, cluster_factory, classes)
         state.note(f"cluster of {options.nodes} up in {root} (network: {getattr(cluster, 'mode', '?')})")
         urls = {name: cluster.client_urls[name] for name in cluster.names}
         order = list(cluster.names)
+        if options.watches:
+            # Opened before any workload writes, from revision 1: the streams carry every change.
+            watchers = watches.start_watchers(urls)
+            state.note(f"a watch on {watches.WATCH_PREFIX!r} open on every node")
 
         def roaming(name: str) -> Client:
             i = order.index(name)
@@ -399,8 +435,10 @@ def _run(options: ChaosOptions, cluster_factory: Callable[..., Any] | None, clas
         stop.set()
 
         checkers = {name: (pinned(name, 10.0), urls[name]) for name in order}
-        _after_heal(cluster, checkers, healed, threads, state, run_id, messages, durable)
+        _after_heal(cluster, checkers, healed, threads, state, run_id, messages, durable, watchers)
     finally:
+        for watcher in watchers.values():
+            watcher.close()
         if cluster is not None:
             try:
                 cluster.__exit__(None, None, None)
@@ -414,7 +452,7 @@ def _run(options: ChaosOptions, cluster_factory: Callable[..., Any] | None, clas
     lin = checker.check(ops, budget=options.checker_budget)
     state.verdict("linearizable", lin.ok is True,
                   [] if lin.ok else [lin.explain().splitlines()[0]])
-    checks = {name: bool(state.checks.get(name, False)) for name in CHECKS}
+    checks = {name: bool(state.checks.get(name, False)) for name in CHECKS if name != "watches" or options.watches}
     ok = all(checks.values())
     summary: dict[str, Any] = {
         "seed": options.seed,
@@ -450,12 +488,17 @@ def _write_failure(out: Path, root: Path, history: History, lin: checker.Result,
         "checks:",
     ]
     for name in CHECKS:
+        if name not in summary["checks"]:
+            continue
         lines.append(f"  {name}: {'ok' if state.checks.get(name) else 'FAILED'}")
         lines.extend(f"    - {p}" for p in state.details.get(name, []))
     ops = history.ops()
     first = f"; the history's first op was at {min(op.invoke for op in ops) - state.t0:.2f} s" if ops else ""
     lines += ["", "linearizability:", lin.explain(), "", f"timeline (seconds after the start{first}):"]
     lines.extend(f"  {e.at:8.2f}  {e.what}" for e in state.events)
+    if state.watch_logs and not state.checks.get("watches", True):
+        watches.dump(state.watch_logs, out / WATCHES_FILE)
+        lines += ["", f"what each node's watch delivered: {out / WATCHES_FILE}"]
     logs = out / "logs"
     for f in sorted(root.rglob("*.log")):
         logs.mkdir(exist_ok=True)
