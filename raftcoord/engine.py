@@ -560,6 +560,21 @@ class Engine(SyncObj):
         SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset,  # type: ignore[attr-defined]
                                           nextNodeIdx=nextNodeIdx, success=success)
 
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
+        # Tell the followers a new commit index before applying it here, not
+        # after: pysyncobj applies on the leader first (the store, listeners,
+        # waiting proposers) and only then sends the append that carries the
+        # commit, so every follower's observers and watches trailed the
+        # leader's by its whole apply. Committed entries may be applied in
+        # any order across replicas; the send after applying is then redundant.
+        if (not self._SyncObj__conf.appendEntriesUseBatch  # type: ignore[attr-defined]
+                and self._isLeader()
+                and self.raftCommitIndex > self.raftLastApplied):
+            self._SyncObj__sendAppendEntries()  # type: ignore[attr-defined]
+            SyncObj._SyncObj__applyLogEntries(self)  # type: ignore[attr-defined]
+            return False
+        return bool(SyncObj._SyncObj__applyLogEntries(self))  # type: ignore[attr-defined]
+
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802, N803
         # d8: pysyncobj logs a snapshot that fails to load and then tells the
         # leader it has it (its old log end, with success). Stop instead.

@@ -238,3 +238,52 @@ def test_messages_are_read_in_steps_with_no_gap(monkeypatch: pytest.MonkeyPatch)
         assert coord.messages(since=posted[-1].clock) == []
     finally:
         coord.close()
+
+
+def test_followers_learn_a_commit_before_the_leader_applies_it(tmp_path: Path) -> None:
+    """The leader sends the new commit index before its own apply, so followers do not trail by it.
+
+    The leader's store takes 0.6 s to apply a marked command; a follower must
+    have applied it while the leader is still busy. Before the change the
+    commit went out only after the leader's apply: the followers had it
+    0.6 s later.
+    """
+    from raftcoord.store import Store
+
+    busy: dict[str, Any] = {"addr": None}
+
+    def make_store(addr: str) -> type[Store]:
+        class SlowOnLeader(Store):
+            def apply(self, command: bytes) -> Any:
+                if b"slow-marker" in command and busy["addr"] == addr:
+                    time.sleep(0.6)
+                return super().apply(command)
+        return SlowOnLeader
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    # Elections slower than the leader's apply: no new leader may carry the commit instead.
+    settings = ReplicaSettings(election_timeout_min=1.5, election_timeout_max=2.0,
+                               **{**QUICK, "connection_timeout": 2.0})
+    applied_at: dict[str, float] = {}
+    rs = []
+    try:
+        for i, a in enumerate(addrs):
+            def seen(applied: Any, a: str = a) -> None:
+                if b"slow-marker" in repr(applied.result).encode() or any(
+                        getattr(getattr(e, "kv", None), "key", b"") == b"slow-marker" for e in applied.events):
+                    applied_at.setdefault(a, time.monotonic())
+            rs.append(Replica(a, [x for x in addrs if x != a], tmp_path / f"r{i}", password=None,
+                              settings=settings, state_machine=make_store(a), on_applied=seen))
+        leader = wait_for(lambda: next((r for r in rs if r.status()["role"] == "leader"), None), 10, "a leader")
+        busy["addr"] = leader.self_address
+        from raftcoord.values import encode_cbor
+        sent = time.monotonic()
+        threading.Thread(target=leader.propose, args=(encode_cbor(
+            {"op": "put", "key": b"slow-marker", "value": b"v"}), 10), daemon=True).start()
+        wait_for(lambda: len(applied_at) == 3, 10, "every replica to apply the marker")
+        followers = [a for a in addrs if a != leader.self_address]
+        assert max(applied_at[a] for a in followers) - sent < 0.3, "a follower waited for the leader's apply"
+        assert applied_at[leader.self_address] - sent >= 0.6
+    finally:
+        for r in rs:
+            r.close()
