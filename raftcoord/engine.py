@@ -575,6 +575,20 @@ class Engine(SyncObj):
             return False
         return bool(SyncObj._SyncObj__applyLogEntries(self))  # type: ignore[attr-defined]
 
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+        # A follower answers a snapshot only after its last chunk, so the
+        # leader read nothing from it for the whole transfer and, past its
+        # connection timeout, dropped the connection and began the snapshot
+        # again, for ever, once a snapshot took longer than that to send.
+        # Acknowledge each chunk of the current term (the leader's answer to
+        # a neither-reset-nor-success next_node_idx is only "heard from it").
+        chunk = message.get("serialized") if isinstance(message, dict) else None
+        if (isinstance(chunk, (tuple, list)) and len(chunk) == 3 and message.get("type") == "append_entries"
+                and not chunk[2]
+                and message.get("term") == self.raftCurrentTerm and not self._isLeader()):
+            self._SyncObj__sendNextNodeIdx(node, reset=False, success=False)  # type: ignore[attr-defined]
+
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802, N803
         # d8: pysyncobj logs a snapshot that fails to load and then tells the
         # leader it has it (its old log end, with success). Stop instead.

@@ -9,6 +9,7 @@ engines on 127.0.0.1), as in ``test_replica.py``; the multi-process cases
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -287,3 +288,41 @@ def test_followers_learn_a_commit_before_the_leader_applies_it(tmp_path: Path) -
     finally:
         for r in rs:
             r.close()
+
+
+def test_issue8_a_snapshot_slower_than_the_connection_timeout_still_installs(tmp_path: Path) -> None:
+    """A follower catching up by a snapshot that takes longer to send than the connection timeout.
+
+    Found while this issue's watch history made snapshots twice as large: a
+    follower answers nothing until the last chunk, so the leader read nothing
+    from it for the whole transfer, dropped the connection after its
+    connection timeout and started the snapshot again, for ever. Before the
+    fix the follower here never caught up (the transfer takes about 3 s, the
+    leader's connection timeout is 1 s).
+    """
+    ports = sorted((free_port() for _ in range(3)), key=lambda p: f"127.0.0.1:{p}")
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    real = free_port()
+    proxy = FaultProxy(ports[0], real)
+    made: list[Any] = []
+    try:
+        follower = Replica(addrs[0], addrs[1:], tmp_path / "f", password=None, bind_address=f"127.0.0.1:{real}",
+                           settings=ReplicaSettings(election_timeout_min=30.0, election_timeout_max=40.0,
+                                                    compaction_entries=5, **{**QUICK, "connection_timeout": 40.0}))
+        made.append(follower)
+        for i, a in enumerate(addrs[1:]):
+            made.append(Replica(a, [x for x in addrs if x != a], tmp_path / f"r{i}", password=None,
+                                settings=ReplicaSettings(election_timeout_min=0.3, election_timeout_max=0.6,
+                                                         compaction_entries=5, **QUICK)))
+        leader = wait_for(lambda: next((r for r in made[1:] if r.status()["role"] == "leader"), None), 10, "a leader")
+        from raftcoord.values import encode_cbor
+        proxy.cut()
+        for i in range(20):  # about 800 kB of state and as much of history
+            leader.propose(encode_cbor({"op": "put", "key": b"big%d" % i, "value": os.urandom(40000)}), 10)
+        proxy.heal(bytes_per_second=5e5)
+        want = leader.status()["last_applied"]
+        wait_for(lambda: follower.status()["last_applied"] >= want, 40, "the follower to install the snapshot")
+    finally:
+        for m in made:
+            m.close()
+        proxy.close()
