@@ -49,8 +49,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,40 +62,13 @@ from typing import Any
 
 import aiohttp
 
+# Shared with ``raftcoord bench``, which grew out of this script.
+from raftcoord.bench.systems import Processes, b64, free_ports, prefix_end
+
 #: Operations before each phase's measured ones, to warm connections and caches (not counted).
 WARMUP = 20
 #: Seconds after the last send that a phase waits for stragglers before counting them missing.
 STRAGGLER_WAIT = 10.0
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def b64(data: bytes) -> str:
-    """Base64 text, as etcd's JSON gateway wants bytes."""
-    return base64.b64encode(data).decode("ascii")
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The end of the key range of ``prefix`` (etcd's rule)."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return b"\0"
-    p[-1] += 1
-    return bytes(p)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,36 +78,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------ clusters
-
-
-class Processes:
-    """Every process the benchmark started, killed by pid at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        #: Processes started through asyncio (the embedded nodes), by pid.
-        self.pids: list[int] = []
-
-    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in self.pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
 
 
 @dataclass

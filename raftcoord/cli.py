@@ -335,6 +335,51 @@ def chaos(nodes: int, duration: float, faults: str, seed: int | None, out: str |
 
 
 @main.command()
+@click.option("--quick", is_flag=True, help="Short rows, 2 failovers, 100,000 keys (memory extrapolated); < 2 min.")
+@click.option("--systems", default="all", show_default=True,
+              help="Comma-separated: raftcoord, embedded, etcd, pysyncobj, pysyncobj-batch.")
+@click.option("--workloads", default="all", show_default=True,
+              help="Comma-separated: puts, get-linearizable, get-serializable, cas, messages, failover, restart, "
+                   "memory.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
+              help="Where bench.json, bench.md and bench.png are written.")
+def bench(quick: bool, systems: str, workloads: str, out: str) -> None:
+    """Benchmark raftcoord beside etcd and plain pysyncobj on 127.0.0.1; prints a table with ratios.
+
+    Starts its own 3-member clusters (killed when it ends, also on Ctrl-C),
+    runs every workload against every system in turn at 1, 16 and 64
+    clients, and writes every figure to OUT/bench.json, the table as Markdown
+    to OUT/bench.md and, when matplotlib is installed (pip install
+    'raftcoord[bench]'), a plot to OUT/bench.png. etcd is skipped, with a
+    line saying so, when no etcd is on the PATH.
+    """
+    from pathlib import Path
+
+    from raftcoord.bench import SYSTEMS, WORKLOADS, BenchOptions, run
+    from raftcoord.bench.report import format_table
+
+    def pick(text: str, known: tuple[str, ...], name: str) -> tuple[str, ...]:
+        if text.strip() == "all":
+            return known
+        chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+        unknown = [x for x in chosen if x not in known]
+        if unknown or not chosen:
+            raise InvalidInputError(f"{name} must be 'all' or some of {', '.join(known)}, not {_safe(text)!r}",
+                                    field=name.lstrip("-"))
+        return chosen
+
+    chosen = {"systems": pick(systems, SYSTEMS, "--systems"), "workloads": pick(workloads, WORKLOADS, "--workloads"),
+              "out": Path(out)}
+    options = BenchOptions.quick_run(**chosen) if quick else BenchOptions(**chosen)
+    try:
+        report = run(options)
+    except KeyboardInterrupt:
+        raise _fail("interrupted; every process the benchmark started was killed", 130) from None
+    click.echo(format_table(report))
+    click.echo("figures written to " + " and ".join(report["files"].values()))
+
+
+@main.command()
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
