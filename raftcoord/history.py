@@ -20,15 +20,15 @@ module does no I/O, reads no clock and draws no random number.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
-from operator import attrgetter
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from raftcoord.errors import CompactedError, ValueFormatError
-from raftcoord.events import Change, Event, KeyDeleted, KeyEvent, KeyPut, KeyValue
+from raftcoord.events import Change, KeyDeleted, KeyEvent, KeyPut
 from raftcoord.keys import MAX_CLOCK
+from raftcoord.kvmap import META_SIZE, pack_record, record_kv, record_meta
 
-__all__ = ["HISTORY_BYTES", "HISTORY_REVISIONS", "History"]
+__all__ = ["HISTORY_BYTES", "HISTORY_REVISIONS", "History", "KeyChange"]
 
 #: Default bounds (the Store's class attributes; the README states them).
 HISTORY_REVISIONS: Final = 10_000
@@ -36,13 +36,27 @@ HISTORY_BYTES: Final = 16 * 1024 * 1024
 
 _PUT: Final = 0
 _DELETE: Final = 1
-_revision_of = attrgetter("revision")
+
+#: One key change as the history keeps it: (key, the new record or None when
+#: the key was deleted, the record before or None when it was created), with
+#: records as the store's map holds them (``raftcoord.kvmap``). Records are
+#: immutable and shared with the map, so a kept change costs a tuple, not
+#: event objects and a copy of the value (issue 9); :meth:`History.changes`
+#: builds the events when a watch reads them.
+KeyChange = tuple[bytes, "bytes | None", "bytes | None"]
 
 
-def _size(event: KeyEvent) -> int:
-    if isinstance(event, KeyPut):
-        return len(event.kv.key) + len(event.kv.value) + (0 if event.prev is None else len(event.prev.value))
-    return len(event.key) + len(event.prev.value)
+def _size(change: KeyChange) -> int:
+    key, rec, prev = change
+    return len(key) + (0 if rec is None else len(rec) - META_SIZE) + (0 if prev is None else len(prev) - META_SIZE)
+
+
+def _event(change: KeyChange, revision: int) -> KeyEvent:
+    key, rec, prev = change
+    if rec is None:
+        assert prev is not None
+        return KeyDeleted(key, revision, record_kv(key, prev))
+    return KeyPut(record_kv(key, rec), None if prev is None else record_kv(key, prev))
 
 
 class History:
@@ -51,9 +65,10 @@ class History:
     def __init__(self, *, max_revisions: int = HISTORY_REVISIONS, max_bytes: int = HISTORY_BYTES, compact_revision: int = 1) -> None:
         self._max_revisions = max(1, max_revisions)
         self._max_bytes = max_bytes
-        # Slots before _head are dropped changes (None): trimming from the
-        # left is O(1) and the list stays indexable for bisection.
-        self._changes: list[Change | None] = []
+        # Slots before _head are dropped revisions (their changes None):
+        # trimming from the left is O(1) and _revisions stays bisectable.
+        self._revisions: list[int] = []
+        self._changes: list[tuple[KeyChange, ...] | None] = []
         self._sizes: list[int] = []
         self._head = 0
         self._bytes = 0
@@ -72,29 +87,29 @@ class History:
     def __len__(self) -> int:
         return len(self._changes) - self._head
 
-    def record(self, revision: int, events: Iterable[Event]) -> None:
-        """Keep the key events of ``revision`` (a revision after every kept one)."""
-        kept = tuple(e for e in events if isinstance(e, (KeyPut, KeyDeleted)))
+    def record(self, revision: int, changes: Iterable[KeyChange]) -> None:
+        """Keep the key changes of ``revision`` (a revision after every kept one)."""
+        kept = tuple(changes)
         if not kept:
             return
-        self._append(Change(revision, kept))
+        self._append(revision, kept)
         self._trim()
 
-    def _append(self, change: Change) -> None:
-        size = sum(_size(e) for e in change.events)
-        self._changes.append(change)
+    def _append(self, revision: int, changes: tuple[KeyChange, ...]) -> None:
+        size = sum(map(_size, changes))
+        self._revisions.append(revision)
+        self._changes.append(changes)
         self._sizes.append(size)
         self._bytes += size
 
     def _trim(self) -> None:
         while len(self) > 1 and (len(self) > self._max_revisions or self._bytes > self._max_bytes):
-            dropped = self._changes[self._head]
-            assert dropped is not None
             self._changes[self._head] = None
             self._bytes -= self._sizes[self._head]
+            self._compact_revision = self._revisions[self._head] + 1
             self._head += 1
-            self._compact_revision = dropped.revision + 1
         if self._head > 64 and 2 * self._head > len(self._changes):
+            del self._revisions[: self._head]
             del self._changes[: self._head]
             del self._sizes[: self._head]
             self._head = 0
@@ -112,28 +127,41 @@ class History:
                 field="start_revision",
                 compact_revision=self._compact_revision,
             )
-        i = bisect_left(self._changes, start_revision, lo=self._head, key=_revision_of)
+        i = bisect_left(self._revisions, start_revision, lo=self._head)
         j = len(self._changes) if limit <= 0 else min(len(self._changes), i + limit)
-        return self._changes[i:j]  # type: ignore[return-value]
+        revisions, changes = self._revisions, self._changes
+        return [Change(revisions[k], tuple(_event(c, revisions[k]) for c in changes[k])) for k in range(i, j)]  # type: ignore[union-attr]
 
     # ------------------------------------------------------------ snapshots
 
     def to_snapshot(self) -> list[Any]:
-        """The kept changes as plain CBOR-able lists (see :meth:`load`)."""
-        out = []
-        for change in self._changes[self._head :]:
-            assert change is not None
-            out.append([change.revision, [_encode_event(e) for e in change.events]])
-        return out
+        """The kept changes as CBOR-able data: ``[revision, [[key, record, previous], ...]]``.
+
+        Records as the store holds them (``raftcoord.kvmap``; None when the key
+        was deleted, or had no previous record): no per-change work beyond a
+        reference (snapshot format 4; formats 3 and earlier are still loaded).
+        """
+        revisions, changes = self._revisions, self._changes
+        return [[revisions[k], changes[k]] for k in range(self._head, len(changes))]
 
     @classmethod
     def load(
-        cls, items: Any, *, compact_revision: Any, revision: int, max_revisions: int = HISTORY_REVISIONS, max_bytes: int = HISTORY_BYTES
+        cls,
+        items: Any,
+        *,
+        compact_revision: Any,
+        revision: int,
+        max_revisions: int = HISTORY_REVISIONS,
+        max_bytes: int = HISTORY_BYTES,
+        records: bool = True,
+        current: Callable[[bytes], bytes | None] | None = None,
     ) -> History:
         """A history from :meth:`to_snapshot` data; raises ValueFormatError naming what is wrong.
 
         ``revision`` is the store's revision: no change may be newer, and
-        ``compact_revision`` may be at most one past it.
+        ``compact_revision`` may be at most one past it. ``records=False``
+        reads the event lists of snapshot format 3. ``current`` gives a key's
+        record in the restored map: an equal record is shared, not kept twice.
         """
         compact = _uint(compact_revision, "compact_revision")
         if not 1 <= compact <= revision + 1:
@@ -141,6 +169,10 @@ class History:
         if not isinstance(items, list):
             raise ValueFormatError("snapshot history must be a list", field="history")
         history = cls(max_revisions=max_revisions, max_bytes=max_bytes, compact_revision=compact)
+        decode = _decode_records if records else _decode_change
+        # The last record seen per key: a later change's previous record is
+        # the same bytes, and is kept once, as it was before the snapshot.
+        latest: dict[bytes, bytes] = {}
         last = compact - 1
         for item in items:
             if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], list) or not item[1]:
@@ -150,24 +182,47 @@ class History:
                 raise ValueFormatError(
                     f"history revision {rev} is out of order or outside {compact}-{revision}", field="history"
                 )
-            history._append(Change(rev, tuple(_decode_event(e, rev) for e in item[1])))
+            changes = []
+            for e in item[1]:
+                key, rec, prev = decode(e, rev)
+                if prev is not None and latest.get(key) == prev:
+                    prev = latest[key]
+                if rec is not None:
+                    # Only a key's newest record can equal the map's.
+                    now = None if current is None else current(key)
+                    if now is not None and now == rec:
+                        rec = now
+                    latest[key] = rec
+                changes.append((key, rec, prev))
+            history._append(rev, tuple(changes))
             last = rev
         history._trim()
         return history
 
 
-def _kv_list(kv: KeyValue) -> list[Any]:
-    return [kv.value, kv.create_revision, kv.mod_revision, kv.version]
+def _decode_records(e: Any, revision: int) -> KeyChange:
+    if not isinstance(e, list) or len(e) != 3:
+        raise ValueFormatError("a history change must be [key, record, previous record]", field="history")
+    key, rec, prev = e
+    if type(key) is not bytes:
+        raise ValueFormatError("snapshot history key must be bytes", field="history")
+    if rec is None and prev is None:
+        raise ValueFormatError("a history change needs a record or a previous record", field="history")
+    if rec is not None:
+        create, mod, version = _record(rec)
+        if not (1 <= create <= revision and mod == revision and version >= 1):
+            raise ValueFormatError(f"a history put of revision {revision} is inconsistent", field="history")
+    if prev is not None:
+        create, mod, version = _record(prev)
+        if not (create <= mod < revision and version >= 1):
+            raise ValueFormatError(f"a history previous record of revision {revision} is inconsistent", field="history")
+    return (key, rec, prev)
 
 
-def _encode_event(event: KeyEvent) -> list[Any]:
-    # The key and the change's revision (the put's mod revision, the
-    # deletion's revision) are not repeated.
-    if isinstance(event, KeyPut):
-        kv = event.kv
-        prev = None if event.prev is None else _kv_list(event.prev)
-        return [_PUT, kv.key, kv.value, kv.create_revision, kv.version, prev]
-    return [_DELETE, event.key, _kv_list(event.prev)]
+def _record(rec: Any) -> tuple[int, int, int]:
+    if type(rec) is not bytes or len(rec) < META_SIZE:
+        raise ValueFormatError(f"a history record must be bytes of at least {META_SIZE}", field="history")
+    return record_meta(rec)
 
 
 def _uint(v: Any, name: str) -> int:
@@ -182,16 +237,16 @@ def _bytes(v: Any, name: str) -> bytes:
     return v
 
 
-def _prev(key: bytes, v: Any, revision: int) -> KeyValue:
+def _prev(v: Any, revision: int) -> bytes:
     if not isinstance(v, list) or len(v) != 4:
         raise ValueFormatError("a history previous record must be [value, create, mod, version]", field="history")
     value, create, mod, version = _bytes(v[0], "value"), _uint(v[1], "create"), _uint(v[2], "mod"), _uint(v[3], "version")
     if not (create <= mod < revision and version >= 1):
         raise ValueFormatError(f"a history previous record of revision {revision} is inconsistent", field="history")
-    return KeyValue(key, value, create, mod, version)
+    return pack_record(value, create, mod, version)
 
 
-def _decode_event(e: Any, revision: int) -> KeyEvent:
+def _decode_change(e: Any, revision: int) -> KeyChange:
     if not isinstance(e, list) or not e or type(e[0]) is not int or e[0] not in (_PUT, _DELETE):
         raise ValueFormatError("a history event must be a list starting with 0 (put) or 1 (delete)", field="history")
     if e[0] == _PUT:
@@ -201,9 +256,8 @@ def _decode_event(e: Any, revision: int) -> KeyEvent:
         create, version = _uint(e[3], "create"), _uint(e[4], "version")
         if not (1 <= create <= revision and version >= 1):
             raise ValueFormatError(f"a history put of revision {revision} is inconsistent", field="history")
-        prev = None if e[5] is None else _prev(key, e[5], revision)
-        return KeyPut(KeyValue(key, value, create, revision, version), prev)
+        prev = None if e[5] is None else _prev(e[5], revision)
+        return (key, pack_record(value, create, revision, version), prev)
     if len(e) != 3:
         raise ValueFormatError("a history delete must be [1, key, prev]", field="history")
-    key = _bytes(e[1], "key")
-    return KeyDeleted(key, revision, _prev(key, e[2], revision))
+    return (_bytes(e[1], "key"), None, _prev(e[2], revision))

@@ -309,7 +309,7 @@ def test_issue8_history_from_a_format_2_snapshot_starts_after_its_revision() -> 
         s.changes(7)
     run(s, "put", key=b"a", value=b"2")
     assert _changes(s, 8) == [(8, [("PUT", b"a", b"2", b"1")])]
-    assert decode_cbor(s.snapshot())["format"] == 3
+    assert decode_cbor(s.snapshot())["format"] == store_module.SNAPSHOT_FORMAT
 
 
 def _snap3(**over: Any) -> bytes:

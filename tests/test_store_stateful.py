@@ -35,6 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from raftcoord.errors import CompactedError
 from raftcoord.keys import MESSAGE_PREFIX, NODE_PREFIX, MessageKey, NodeKey, is_reserved, prefix_end
+from raftcoord.kvmap import KVMap
 from raftcoord.store import Store
 from raftcoord.values import decode_cbor, encode_cbor
 
@@ -54,9 +55,16 @@ def command(op: str, **fields: Any) -> bytes:
     return encode_cbor({"op": op, **fields})
 
 
-class SmallStore(Store):
-    """A store with session and history bounds small enough for a model run to reach them."""
+class TinyKVMap(KVMap):
+    """Sublists of 2 to 4 keys: a model run splits and joins them (issue 9)."""
 
+    load = 2
+
+
+class SmallStore(Store):
+    """A store with session, history and sublist bounds small enough for a model run to reach them."""
+
+    kv_map = TinyKVMap
     max_sessions = 3
     max_results_per_session = 4
     history_revisions = 8
