@@ -4,7 +4,12 @@
 The JSON translation of etcd's messages lives in :mod:`raftcoord.etcd_json`;
 this module does the HTTP: routes, authentication, error bodies, and
 running the coordinator's blocking calls in a thread pool so the event loop
-never waits on Raft.
+never waits on Raft. Concurrent reads of single keys (``/v3/kv/range``
+without ``range_end``, the common case) are gathered into one coordinator
+call per consistency (:meth:`Coordinator.get_many`: one read barrier and one
+turn of the state lock for the batch); response headers take the Raft term
+from the replica's cached status, looked at most every
+:data:`TERM_REFRESH` seconds, and the revision from the answer itself.
 
 Routes (etcd's gateway routes take POST with a JSON body)::
 
@@ -74,7 +79,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
@@ -101,7 +105,16 @@ from raftcoord.errors import (
     RaftcoordError,
     RequestTooLargeError,
 )
-from raftcoord.httpserve import HEADER_TIMEOUT, MAX_CONNECTIONS, REFUSAL_LOG_BURST, Throttle, one_line, serve
+from raftcoord.httpserve import (
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    REFUSAL_LOG_BURST,
+    Batcher,
+    Throttle,
+    WorkerPool,
+    one_line,
+    serve,
+)
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, MessageKey, prefix_end
 from raftcoord.store import KeyValue, Store
 from raftcoord.values import Message
@@ -137,7 +150,12 @@ MAX_JSON_DEPTH: Final = 64
 #: Messages returned by one GET /raftcoord/v1/messages when no limit is given.
 DEFAULT_MESSAGE_LIMIT: Final = 1000
 MAX_MESSAGE_LIMIT: Final = 10000
-WORKER_THREADS: Final = 32
+#: Threads for the coordinator's blocking calls: each write in flight holds one until it commits.
+WORKER_THREADS: Final = 128
+#: Seconds a response header may show a Raft term already seen (the replica refreshes its status every 10 ms).
+TERM_REFRESH: Final = 0.01
+#: Bytes of a single key's value beyond which its answer is encoded on the pool, not on the event loop.
+INLINE_VALUE_BYTES: Final = 64 * 1024
 #: The most keys a store may hold for GET /raftcoord/v1/digest: the snapshot is
 #: encoded under the state lock, which the Raft thread waits on meanwhile.
 DIGEST_MAX_KEYS = 100_000
@@ -246,27 +264,30 @@ class _Endpoint:
             if config is not None
             else getattr(coordinator, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         )
-        # The last Raft term seen, for response headers when status is unavailable.
+        # The last Raft term seen, for response headers (and when status is unavailable).
         self.last_term = 0
+        self._term_at = -math.inf  # when last_term was read from the status
         self.version_info = {
             "etcdserver": etcd_json.ETCD_VERSION,
             "etcdcluster": etcd_json.ETCD_VERSION,
             "raftcoord": _raftcoord_version(),
         }
-        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="raftcoord-http")
+        self.pool = WorkerPool(WORKER_THREADS, "raftcoord-http")
+        self.key_reads = {
+            level: Batcher(self.pool, functools.partial(self.read_keys, level)) for level in _CONSISTENCIES
+        }
         self.refusals = RefusalLog()
         self.streams = Streams(self, progress_interval=watch_progress_interval)
 
     async def cleanup(self, app: web.Application) -> None:
         """Stop the worker threads (running calls finish on their own)."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
 
     # ---------------------------------------------------------- plumbing
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking coordinator call on the thread pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+        return await self.pool.run(functools.partial(fn, *args) if args else fn)
 
     async def run_json(self, fn: Callable[[], Any]) -> web.Response:
         """Run ``fn`` on the thread pool and answer its result as JSON.
@@ -366,8 +387,14 @@ class _Endpoint:
         if length is not None and length > self.max_request_bytes:
             raise too_large
         try:
-            async with asyncio.timeout(self.body_timeout):
-                raw = await request.read()
+            if request.content.is_eof():
+                # All of it is here already (a small body): take it as it lies, no timer to arm.
+                raw = request.content.read_nowait()
+                if len(raw) > self.max_request_bytes:
+                    raise too_large
+            else:
+                async with asyncio.timeout(self.body_timeout):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
         except TimeoutError:
@@ -399,32 +426,45 @@ class _Endpoint:
         except UnicodeDecodeError:
             raise InvalidInputError("body: the request body is not UTF-8", field="body") from None
         try:
-            data = json.loads(
-                text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float
-            )
+            data = _DECODER.decode(text)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"body: not valid JSON: {exc}", field="body") from None
         except RecursionError:
             raise InvalidInputError(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", field="body") from None
         except ValueError as exc:  # an integer of more than 4,300 digits, among others
             raise InvalidInputError(f"body: not valid JSON: {one_line(exc)}", field="body") from None
-        _check_depth(data)
+        if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:  # else it cannot nest deeper
+            _check_depth(data)
         return data
 
     def header(self, revision: int) -> dict[str, Any]:
         """An etcd ResponseHeader at ``revision``; never fails.
 
-        The term comes from the replica's cached status; if even that is
+        The term comes from the replica's cached status, looked at most every
+        :data:`TERM_REFRESH` seconds (not once per request); if even that is
         unavailable, from the last one seen: an answer that is ready (a
         committed write above all) must never fail for want of a header.
         """
-        try:
-            term = int(self.coord.status().get("term") or 0)
-        except Exception:  # noqa: BLE001 - the header is decoration, the answer is not
-            term = self.last_term
-        else:
+        return etcd_json.header(
+            cluster_id=self.cluster_id, member_id=self.member_id, revision=revision, raft_term=self.raft_term()
+        )
+
+    def raft_term(self) -> int:
+        """The Raft term for a response header: the last seen, refreshed from the status when stale."""
+        now = time.monotonic()
+        if now - self._term_at >= TERM_REFRESH:
+            try:
+                term = int(self.coord.status().get("term") or 0)
+            except Exception:  # noqa: BLE001 - the header is decoration, the answer is not
+                return self.last_term
+            self._term_at = now
             self.last_term = max(self.last_term, term)
-        return etcd_json.header(cluster_id=self.cluster_id, member_id=self.member_id, revision=revision, raft_term=term)
+        return self.last_term
+
+    def read_keys(self, consistency: str, keys: list[bytes]) -> list[tuple[Any, int]]:
+        """Single keys gathered from concurrent range requests: ``(kv or None, revision)`` each (blocking)."""
+        kvs, revision = self.coord.get_many(keys, consistency=consistency)  # type: ignore[arg-type]
+        return [(kv, revision) for kv in kvs]
 
     def execute(self, command: dict[str, Any], req: list[Any] | None = None) -> dict[str, Any]:
         """Propose ``command`` (under the client's request id ``req``, if any) and
@@ -438,6 +478,17 @@ class _Endpoint:
         """POST /v3/kv/range: a read-only txn of one range, read off the Raft thread."""
         query = etcd_json.parse_range(await self.body(request))
         consistency = "serializable" if query.serializable else "linearizable"
+        if query.single_key:
+            kv, revision = await self.key_reads[consistency].submit(query.key)
+
+            def answer() -> bytes:
+                result = etcd_json.key_result(query, kv, revision, max_bytes=self.coord.max_response_bytes)
+                out = {"header": self.header(revision), **etcd_json.range_response(query, result)}
+                return json.dumps(out).encode("utf-8")
+
+            big = kv is not None and len(kv.value) > INLINE_VALUE_BYTES
+            body = await self.run(answer) if big else answer()
+            return web.Response(body=body, content_type="application/json")
 
         def work() -> dict[str, Any]:
             result = self.coord.read_txn(etcd_json.range_txn(query), consistency=consistency)
@@ -814,11 +865,13 @@ def _query_uint(request: web.Request, name: str) -> int | None:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InvalidInputError(f"{key}: given twice in one JSON object", field=key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidInputError(f"{key}: given twice in one JSON object", field=key)
+            seen.add(key)
     return out
 
 
@@ -832,6 +885,12 @@ def _finite_float(text: str) -> float:
         # 1e400 would become infinity, stored, and read back as the text "inf"
         raise InvalidInputError(f"body: the number {text[:40]} is too large for a float", field="body")
     return value
+
+
+#: One decoder for every request (``json.loads`` with hooks builds a new one per call).
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float
+)
 
 
 def _check_depth(data: Any) -> None:
