@@ -39,15 +39,26 @@ The contract of propose and read barriers
 5. **Closed.** Closing the :class:`Proposer` (the replica closed or failed)
    wakes every pending ``propose`` at once; it raises what ``check_open``
    raises, or UnavailableError.
+6. **Batches.** Attempts that reach the Raft thread together share one log
+   entry (:class:`Batcher`, :func:`encode_batch`): applied in the order they
+   arrived, each with its own result to its own proposer. An outcome of the
+   entry (a refusal, LEADER_CHANGED, no answer) is each attempt's, so points
+   2 and 3 hold per command: a retry proposes the same command bytes again,
+   maybe in another batch, and its session makes that at most once. A
+   barrier in a batch commits in the term of the leader that appended the
+   entry, like any barrier. A command may not itself begin with
+   :data:`BATCH_MAGIC`.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from pysyncobj.config import FAIL_REASON
@@ -62,7 +73,8 @@ from raftcoord.errors import (
 )
 from raftcoord.values import encode_cbor
 
-__all__ = ["BARRIER", "NOT_APPLIED", "BarrierRound", "Barriers", "Proposal", "Proposer"]
+__all__ = ["BARRIER", "BATCH_MAGIC", "NOT_APPLIED", "BarrierRound", "Barriers", "Batcher", "Proposal", "Proposer",
+           "decode_batch", "encode_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,12 @@ NOT_APPLIED: Final = frozenset(
 )
 _REASON_NAMES: Final = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 _BACKOFF: Final = (0.01, 0.25)  # first and longest pause between refused attempts
+
+#: The first bytes of a Raft entry that carries several commands (a batch).
+#: 0xFF is CBOR's "break", which can begin no data item, so no command a
+#: store would apply starts with it; ``propose`` refuses one that does.
+BATCH_MAGIC: Final = b"\xffrcB"
+_U32: Final = struct.Struct(">I")
 
 #: ``submit(command, callback)``: hand ``command`` to the Raft engine, which
 #: calls ``callback(result, reason)`` at most once, maybe never (hazard 10).
@@ -206,6 +224,9 @@ class Proposer:
         if len(command) > self._max_command_bytes:
             raise InvalidInputError(f"command of {len(command)} bytes exceeds the limit of "
                                     f"{self._max_command_bytes}", field="command")
+        if command.startswith(BATCH_MAGIC):
+            raise InvalidInputError("a command must not begin with the bytes that mark a batch of commands",
+                                    field="command")
         self._check_open()
         deadline = time.monotonic() + timeout
         p = Proposal()
@@ -351,3 +372,122 @@ class Barriers:
             except RaftcoordError as exc:
                 rnd.error = exc
             rnd.done.set()
+
+
+# --------------------------------------------------------------------------
+# Batches: many commands in one Raft entry.
+
+
+def encode_batch(commands: Sequence[bytes]) -> bytes:
+    """One Raft entry carrying ``commands``, applied in order: the marker, a count, then each length-prefixed."""
+    parts = [BATCH_MAGIC, _U32.pack(len(commands))]
+    for command in commands:
+        parts.append(_U32.pack(len(command)))
+        parts.append(command)
+    return b"".join(parts)
+
+
+def decode_batch(entry: bytes) -> list[bytes] | None:
+    """The commands of a batch entry, or None when ``entry`` is not a well-formed batch.
+
+    Not one: a plain command (every entry before batching, and any command
+    alone), or a frame that does not parse, which the caller applies as one
+    command: the store refuses it as it refused such bytes before batching.
+    """
+    if not entry.startswith(BATCH_MAGIC) or len(entry) < len(BATCH_MAGIC) + 4:
+        return None
+    pos = len(BATCH_MAGIC)
+    (count,) = _U32.unpack_from(entry, pos)
+    pos += 4
+    if not count or count > (len(entry) - pos) // 4:
+        return None
+    out: list[bytes] = []
+    for _ in range(count):
+        if pos + 4 > len(entry):
+            return None
+        (size,) = _U32.unpack_from(entry, pos)
+        pos += 4
+        if pos + size > len(entry):
+            return None
+        out.append(entry[pos:pos + size])
+        pos += size
+    return out if pos == len(entry) else None
+
+
+class Batcher:
+    """Commands waiting for the Raft thread, handed to the engine as few entries as the bounds allow.
+
+    Proposers :meth:`add` a command with its attempt's callback from any
+    thread; the Raft thread :meth:`take`s what arrived since its last tick,
+    grouped in arrival order into entries of at most ``max_commands``
+    commands and ``max_bytes`` bytes (a command larger than that goes alone).
+    An entry of one command is that command's own bytes, as before batching;
+    a larger one is framed (:func:`encode_batch`), its result is the list of
+    the commands' results, and its callback hands each proposer its own.
+    A refusal or an ambiguous outcome of the entry is every command's.
+    """
+
+    def __init__(self, *, max_commands: int, max_bytes: int, max_waiting: int) -> None:
+        self._queue: deque[tuple[bytes, Callable[[Any, int], None]]] = deque()
+        self._max_commands = max_commands
+        self._max_bytes = max_bytes
+        self._max_waiting = max_waiting
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Queue one attempt; refuse it at once (QUEUE_FULL) past ``max_waiting``."""
+        if len(self._queue) >= self._max_waiting:
+            callback(None, FAIL_REASON.QUEUE_FULL)
+            return
+        self._queue.append((command, callback))  # deque.append is atomic: no lock needed
+
+    def take(self) -> list[tuple[bytes, Callable[[Any, int], None]]]:
+        """Raft thread: the waiting commands as ``(entry, callback)`` pairs, in order."""
+        out: list[tuple[bytes, Callable[[Any, int], None]]] = []
+        commands: list[bytes] = []
+        callbacks: list[Callable[[Any, int], None]] = []
+        size = len(BATCH_MAGIC) + 4
+        queue = self._queue
+        while queue:
+            command, callback = queue.popleft()
+            if commands and (len(commands) >= self._max_commands or size + 4 + len(command) > self._max_bytes):
+                out.append(_entry(commands, callbacks))
+                commands, callbacks, size = [], [], len(BATCH_MAGIC) + 4
+            commands.append(command)
+            callbacks.append(callback)
+            size += 4 + len(command)
+        if commands:
+            out.append(_entry(commands, callbacks))
+        return out
+
+    def refuse_all(self, reason: int) -> None:
+        """Answer every waiting command with ``reason`` (one that proves it did not apply)."""
+        while self._queue:
+            _command, callback = self._queue.popleft()
+            callback(None, reason)
+
+
+def _entry(commands: list[bytes], callbacks: list[Callable[[Any, int], None]],
+           ) -> tuple[bytes, Callable[[Any, int], None]]:
+    if len(commands) == 1:
+        return commands[0], callbacks[0]
+    return encode_batch(commands), _fan_out(callbacks)
+
+
+def _fan_out(callbacks: list[Callable[[Any, int], None]]) -> Callable[[Any, int], None]:
+    def callback(result: Any, reason: int) -> None:
+        if reason != FAIL_REASON.SUCCESS:
+            results: Sequence[Any] = [None] * len(callbacks)
+        elif isinstance(result, list) and len(result) == len(callbacks):
+            results = result
+        else:  # a frame the store refused whole (it never is, unless damaged): each command's answer
+            results = [result] * len(callbacks)
+        for cb, res in zip(callbacks, results):
+            try:
+                cb(res, reason)
+            except Exception:  # noqa: BLE001 - one proposer's callback must not cost the others theirs
+                log.exception("a proposal callback failed")
+
+    return callback

@@ -8,14 +8,20 @@ pysyncobj-hazards.md``; the numbers below are that page's).
 
 The loop contract
 -----------------
-1. **Proposed.** :meth:`Replica.propose` hands the exact bytes to the Raft
-   engine; a follower forwards them to the leader it knows. The only
-   replicated method is ``apply(command_bytes)`` (hazard 8). Every replica
-   applies committed entries in log order on its Raft thread, calling
-   ``store.apply``, which never raises; a guard logs and swallows anything
-   that would escape anyway, since one exception would wedge the cluster
-   (hazard 7). Listeners (``on_applied``, :meth:`add_listener`) run right
-   after each apply, on the Raft thread, while no reader can see the store.
+1. **Proposed.** :meth:`Replica.propose` queues the exact bytes for the
+   Raft thread, which hands everything queued since its last tick to the
+   engine as one entry (issue 9: one pickle, journal write, encryption and
+   message per peer for the lot), within ``batch_max_commands`` and
+   ``batch_max_bytes``; a lone command is its own entry, as before, and a
+   follower forwards entries to the leader it knows. The only replicated
+   method is ``apply(entry_bytes)`` (hazard 8). Every replica applies
+   committed entries in log order on its Raft thread, and the commands of a
+   batch in their order, each through ``store.apply``, which never raises; a
+   guard logs and swallows anything that would escape anyway, since one
+   exception would wedge the cluster (hazard 7). Each proposer hears its own
+   command's result. Listeners (``on_applied``, :meth:`add_listener`) run
+   right after each command's apply, on the Raft thread, while no reader can
+   see the store.
 2. **Heard back, no leader, retried.** When ``propose`` returns, when it
    raises UnavailableError or TimeoutError (not applied) or
    UnknownOutcomeError (maybe applied), and what it proposes again is
@@ -103,6 +109,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pysyncobj import SyncObjConf
+from pysyncobj.config import FAIL_REASON
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from raftcoord.errors import (
@@ -114,7 +121,7 @@ from raftcoord.errors import (
     ValueFormatError,
 )
 from raftcoord.engine import Engine, Throttle
-from raftcoord.proposals import BARRIER, Barriers, Proposer
+from raftcoord.proposals import BARRIER, Barriers, Batcher, Proposer, decode_batch
 from raftcoord.raftfiles import Dump, FlushedJournal, align_journal, decode_dump, encode_dump, fsync_path
 from raftcoord.views import PriorityLock, ReadView, ViewRegistry
 
@@ -155,7 +162,8 @@ class ReplicaSettings:
     connection_retry: float = 1.0
     #: Longest wait of the Raft thread for network events.
     tick_period: float = 0.05
-    #: Compact the log (snapshot) past this many entries...
+    #: Compact the log (snapshot) past this many entries or commands applied
+    #: since the last snapshot (a batch entry holds many commands)...
     compaction_entries: int = 10000
     #: ...or this long after the previous snapshot.
     compaction_seconds: float = 3600.0
@@ -166,6 +174,13 @@ class ReplicaSettings:
     queue_size: int = 100000
     #: Largest command accepted by :meth:`Replica.propose`.
     max_command_bytes: int = 1536 * 1024
+    #: Most commands the Raft thread puts in one log entry (issue 9). 1 writes
+    #: one command per entry, as replicas before batching did and as a
+    #: cluster with such members needs (they cannot apply a batch).
+    batch_max_commands: int = 256
+    #: Most bytes of one batch entry. Below pysyncobj's 64 KiB, past which an
+    #: entry travels in chunks; a larger command still goes, alone.
+    batch_max_bytes: int = 60 * 1024
     #: Flush the journal on every change and fsync term/vote and snapshots.
     fsync: bool = False
 
@@ -190,6 +205,8 @@ class ReplicaSettings:
         need(self.retry_interval > 0, "retry_interval", "must be positive")
         need(self.queue_size > 0, "queue_size", "must be positive")
         need(self.max_command_bytes > 0, "max_command_bytes", "must be positive")
+        need(self.batch_max_commands > 0, "batch_max_commands", "must be positive")
+        need(self.batch_max_bytes > 0, "batch_max_bytes", "must be positive")
 
     @property
     def fallback_timeout(self) -> float:
@@ -253,6 +270,8 @@ class Replica:
         self._close_lock = threading.Lock()
         self._proposer = Proposer(self._submit, retry_interval=settings.retry_interval,
                                   max_command_bytes=settings.max_command_bytes, check_open=self._check_open)
+        self._batcher = Batcher(max_commands=settings.batch_max_commands, max_bytes=settings.batch_max_bytes,
+                                max_waiting=settings.queue_size)
         self._views = ViewRegistry(self._state_lock, lambda: self._store, check=self._check_open)
         self._status_cache: dict[str, Any] = {"backend": "raft", "self": self_address, "role": "starting"}
         self._status_at = 0.0  # when the Raft thread last refreshed _status_cache
@@ -264,6 +283,7 @@ class Replica:
         self._leader_seen: tuple[Any, int] | None = None
         self._tick_errors = Throttle(10.0)
         self._dump_written = False
+        self._since_dump = 0  # commands applied since the last snapshot (Raft thread)
         self._startup_dump: tuple[tuple[int, int], Store] | None = None
 
         self.data_dir = Path(data_dir)
@@ -280,6 +300,7 @@ class Replica:
             self._lock_file.close()
             raise
         self._wake_lock = threading.Lock()
+        self._woken = False  # a wake-up byte is in the pipe, not yet drained: no need for another
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -357,17 +378,24 @@ class Replica:
                     # Fail-stop: no ticks, so no peer hears from this node
                     # again; status() and tasks are still answered.
                     self._destroy_engine()
+                    self._batcher.refuse_all(FAIL_REASON.QUEUE_FULL)
                     self._last_tick = time.monotonic()
                     self._refresh_status(force=True)
                     self._run_tasks()
                     self._stop.wait(period)
                     continue
+                self._hand_over()
                 try:
                     engine.doTick(period)
                 except Exception:  # noqa: BLE001 - pysyncobj's own tick loop also logs and goes on
                     if self._tick_errors():
                         log.exception("raft tick failed (%d more not logged)", self._tick_errors.take())
                     self._stop.wait(period)
+                if self._since_dump >= self.settings.compaction_entries:
+                    # pysyncobj counts entries; a batch holds up to
+                    # batch_max_commands, and a journal that long between
+                    # snapshots would be replayed command by command at start.
+                    engine.forceLogCompaction()
                 if self._dump_written:
                     self._dump_written = False
                     if self.settings.fsync:
@@ -378,12 +406,22 @@ class Replica:
                 self._refresh_status()
         finally:
             self._destroy_engine()
+            self._batcher.refuse_all(FAIL_REASON.QUEUE_FULL)  # never handed to the engine
             self._run_tasks()
             with self._wake_lock:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self._wake_w = -1
             self._lock_file.close()
+
+    def _hand_over(self) -> None:
+        """Raft thread: hand the commands proposed since the last tick to the engine, batched."""
+        for entry, callback in self._batcher.take():
+            try:
+                self._engine.apply(entry, callback=callback)
+            except Exception:  # noqa: BLE001 - e.g. the engine is being destroyed
+                log.exception("handing a command to the raft engine failed")
+                callback(None, FAIL_REASON.QUEUE_FULL)
 
     def _destroy_engine(self) -> None:
         if self._engine_destroyed:
@@ -448,45 +486,72 @@ class Replica:
                      self.self_address or "(non-voting)", self._failed)
         self._proposer.close()
 
-    def _apply(self, command: bytes) -> dict[str, Any]:
-        """The replicated method's body; runs on the Raft thread; never raises."""
+    def _apply(self, entry: bytes) -> dict[str, Any] | list[dict[str, Any]]:
+        """The replicated method's body; runs on the Raft thread; never raises.
+
+        ``entry`` is one command, or a batch of them (``proposals.
+        encode_batch``; issue 9), whose commands are applied in order exactly
+        as if each had an entry of its own (listeners and read views see each
+        one), under one hold of the state lock; a batch's result is the list
+        of its commands' results.
+        """
+        commands = decode_batch(entry)
         if self._failed is not None:
             # The store may be behind the log (a snapshot failed to load):
             # applying on top of it would diverge.
-            return {"ok": False, "revision": 0,
-                    "error": {"code": ReplicaFailedError.code, "message": "the replica has failed"}}
+            def refused() -> dict[str, Any]:
+                return {"ok": False, "revision": 0,
+                        "error": {"code": ReplicaFailedError.code, "message": "the replica has failed"}}
+            return refused() if commands is None else [refused() for _ in commands]
         try:
             with self._state_lock.first():
+                if commands is None:
+                    self._since_dump += 1
+                    return self._apply_one(entry)
+                self._since_dump += len(commands)
+                return [self._apply_one(command) for command in commands]
+        except Exception as exc:  # noqa: BLE001 - hazard 7; _apply_one never raises, the lock might
+            log.exception("applying a log entry failed; its commands were refused")
+            return (self._internal_error(exc) if commands is None
+                    else [self._internal_error(exc) for _ in commands])
+
+    def _apply_one(self, command: bytes) -> dict[str, Any]:
+        """Apply one command under the state lock: the store, read views, listeners. Never raises."""
+        try:
+            try:
+                applied = self._store.apply(command)
+            except BaseException:
+                self._views.invalidate("the store failed to apply a command")
+                raise
+            if self._views.active:
                 try:
-                    applied = self._store.apply(command)
-                except BaseException:
-                    self._views.invalidate("the store failed to apply a command")
-                    raise
-                if self._views.active:
-                    try:
-                        self._views.record(applied.events)
-                    except Exception:  # noqa: BLE001 - a read view must never wedge the apply path
-                        log.exception("recording pre-images for read views failed")
-                        self._views.invalidate("internal error")
-                for listener in self._listeners:
-                    try:
-                        listener(applied)
-                    except Exception:  # noqa: BLE001
-                        log.exception("on_applied listener %r failed", listener)
+                    self._views.record(applied.events)
+                except Exception:  # noqa: BLE001 - a read view must never wedge the apply path
+                    log.exception("recording pre-images for read views failed")
+                    self._views.invalidate("internal error")
+            for listener in self._listeners:
+                try:
+                    listener(applied)
+                except Exception:  # noqa: BLE001
+                    log.exception("on_applied listener %r failed", listener)
             return applied.result
         except Exception as exc:  # noqa: BLE001 - hazard 7: an exception here wedges every replica
             log.exception("store.apply raised; the command was refused")
-            try:
-                revision = self._store.revision
-            except Exception:  # noqa: BLE001
-                revision = 0
-            return {"ok": False, "revision": revision,
-                    "error": {"code": "internal", "message": f"internal error: {exc!r}"}}
+            return self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> dict[str, Any]:
+        try:
+            revision = self._store.revision
+        except Exception:  # noqa: BLE001
+            revision = 0
+        return {"ok": False, "revision": revision,
+                "error": {"code": "internal", "message": f"internal error: {exc!r}"}}
 
     def _write_dump(self, path: str, data: tuple[Any, ...]) -> None:
         """pysyncobj ``serializer`` hook (Raft thread): the store's CBOR snapshot."""
         last, prev, cluster = data
         started = time.monotonic()
+        self._since_dump = 0
         blob = encode_dump(Dump(
             (bytes(last[0]), last[1], last[2]),
             (bytes(prev[0]), prev[1], prev[2]),
@@ -532,6 +597,7 @@ class Replica:
             # The snapshot loaded at start (see _start_engine): already served.
             log.info("resumed from the snapshot at log index %d (revision %d)", dump.last[1], store.revision)
             return loaded
+        self._since_dump = 0
         with self._state_lock.first():
             self._store = store
             self._views.invalidate("the replica loaded a snapshot from the leader")
@@ -575,10 +641,17 @@ class Replica:
                 pass
         except BlockingIOError:
             pass
+        # Only once the pipe is empty: a caller that saw the flag still set
+        # queued its work before this, and the loop takes that work after
+        # this poll; one that finds it clear writes a byte of its own.
+        self._woken = False
 
     def _wake(self) -> None:
+        if self._woken:
+            return  # a byte is waiting in the pipe already: one write per tick, not one per proposal
         with self._wake_lock:  # never write to a closed (and maybe reused) descriptor
             if self._wake_w >= 0:
+                self._woken = True
                 try:
                     os.write(self._wake_w, b"!")
                 except BlockingIOError:
@@ -617,10 +690,13 @@ class Replica:
         return self._proposer.propose(command, timeout, retry_ambiguous=retry_ambiguous, report=report)
 
     def _submit(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
-        """Hand one attempt of a proposal to the engine (the Proposer's ``submit``)."""
-        self._engine.apply(command, callback=callback)
-        if self.settings.batch_appends:
-            self._wake()  # unbatched, pysyncobj wakes its own thread
+        """Queue one attempt of a proposal for the Raft thread (the Proposer's ``submit``).
+
+        The Raft thread hands whatever arrived since its last tick to the
+        engine as few entries as the batch bounds allow (``_hand_over``).
+        """
+        self._batcher.add(command, callback)
+        self._wake()
 
     # ----------------------------------------------------------------- reads
 
