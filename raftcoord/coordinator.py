@@ -305,9 +305,12 @@ class Coordinator:
                 # and an earlier attempt may have applied before the session
                 # (or its result) was forgotten: sending it again could apply
                 # it twice.
+                # The store's own words may know more (issue 9: "applied at
+                # revision R; its range kvs are not kept"): pass them on.
+                said = (result.get("error") or {}).get("message") or code
                 raise UnknownOutcomeError(
                     f"the command may or may not have been applied: its client session {session} "
-                    f"was forgotten ({code}) before the outcome was known",
+                    f"was forgotten before the outcome was known ({said})",
                     field="req",
                 )
             if attempts > SESSION_RETRIES:

@@ -27,7 +27,8 @@ with a global revision, as etcd keeps it; the coordinator
 Lamport clock; the message floor (the highest clock purged, so that a reader
 resuming from before it learns of the gap); and client sessions, which
 remember recent results by request id so a retried command applies at most
-once (the Raft dissertation's section 6.3); and the watch history, every
+once (the Raft dissertation's section 6.3; large results in a compact form
+the retry's answer is rebuilt from, issue 9); and the watch history, every
 recent revision's key changes (``raftcoord.history``), bounded by count and
 bytes, so that every replica agrees on what a watch can still replay.
 
@@ -70,7 +71,8 @@ from raftcoord.events import Applied, Change, Event, KeyDeleted, KeyPut, KeyValu
 from raftcoord.history import HISTORY_BYTES, HISTORY_REVISIONS, History, KeyChange
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, NODE_PREFIX, MessageKey, NodeKey, is_reserved, prefix_end
 from raftcoord.kvmap import KVMap, pack_record, record_kv, record_mod_revision, record_value
-from raftcoord.sessions import MAX_RESULT_BYTES_PER_SESSION, MAX_RESULTS_PER_SESSION, MAX_SESSIONS, Sessions
+from raftcoord.sessions import MAX_FULL_RESULT_BYTES, MAX_RESULT_BYTES_PER_SESSION, MAX_RESULTS_PER_SESSION
+from raftcoord.sessions import MAX_SESSIONS, Sessions
 from raftcoord.txn import MAX_TXN_KEYS, MAX_TXN_RESULT_BYTES, Budget, compares_hold, range_response
 from raftcoord.txn import is_read_only_txn, read_txn
 from raftcoord.values import Message, NodeState, decode_cbor, encode_cbor
@@ -141,6 +143,8 @@ class Store:
     max_sessions: int = MAX_SESSIONS
     max_results_per_session: int = MAX_RESULTS_PER_SESSION
     max_result_bytes_per_session: int = MAX_RESULT_BYTES_PER_SESSION
+    #: A result larger than this is remembered in compact form (``raftcoord.sessions``).
+    max_full_result_bytes: int = MAX_FULL_RESULT_BYTES
     #: Changes the watch history keeps (the newest is always kept).
     history_revisions: int = HISTORY_REVISIONS
     #: Key + value + previous value bytes the watch history keeps.
@@ -158,6 +162,7 @@ class Store:
             max_sessions=self.max_sessions,
             max_results=self.max_results_per_session,
             max_result_bytes=self.max_result_bytes_per_session,
+            max_full_result_bytes=self.max_full_result_bytes,
         )
         self._history = History(max_revisions=self.history_revisions, max_bytes=self.history_bytes)
         # The key changes of the command being applied, for the history:
@@ -376,7 +381,7 @@ class Store:
                 raise CommandError("a session command carries no req", field="req")
             # Before the body is even read: a request of an unknown session
             # is never applied, and a known request answers what it did.
-            remembered = self._sessions.check(req.client, req.seq, self._applied)
+            remembered = self._sessions.check(req.client, req.seq, self._applied, cmd)
         except RaftcoordError as exc:
             return Applied(_error(exc, self._revision))
         except Exception as exc:  # noqa: BLE001 - a bug must not wedge the cluster (hazard 7)
