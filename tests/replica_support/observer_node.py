@@ -42,9 +42,11 @@ def main() -> None:
     since = int(seen[-1].split()[0]) if seen else 0
     if seen_path.exists():  # drop a partial line left by a kill
         seen_path.write_text("".join(line + "\n" for line in seen))
-    # A post in flight at a kill may have applied: never post that payload again.
+    # A post in flight at a kill may have applied: never post that payload
+    # again. Attempts are appended before each post (a rewrite cut short by
+    # kill -9 would leave an empty file and restart the numbering).
     attempted_path = outdir / f"{name}.attempted"
-    first = int(attempted_path.read_text() or -1) + 1 if attempted_path.exists() else 0
+    first = max((int(line) for line in _complete_lines(attempted_path)), default=-1) + 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -62,10 +64,11 @@ def main() -> None:
             time.sleep(0.1)
     (outdir / f"{name}.ready").write_text(str(os.getpid()))
 
-    with open(acked_path, "a") as acks:
+    with open(acked_path, "a") as acks, open(attempted_path, "a") as attempts:
         for i in range(first, posts):
             payload = f"{name}-{i}"
-            attempted_path.write_text(str(i))
+            attempts.write(f"{i}\n")
+            attempts.flush()
             while not stop.is_set():
                 try:
                     coord.post_message("U", "C", payload)
