@@ -91,6 +91,8 @@ _SECONDS_RANGE: Final = {
 _INTEGER_RANGE: Final = {
     "message_retention_count": (1, 1_000_000_000),
     "compaction_entries": (2, 1_000_000_000),
+    # one batch entry (64 KiB) at least; a TiB of journal would never be replayed in time
+    "compaction_bytes": (64 * 1024, 1024**4),
     "max_txn_ops": (1, 10_000),
     # a body must hold a small request; beyond 64 MiB a JSON parse alone is a risk
     "max_request_bytes": (4096, 64 * 1024 * 1024),
@@ -113,6 +115,7 @@ _CLUSTER_KEYS: Final = frozenset(
         "message_retention_seconds",
         "message_retention_count",
         "compaction_entries",
+        "compaction_bytes",
         "fsync",
         "max_txn_ops",
         "max_request_bytes",
@@ -257,6 +260,8 @@ class ClusterConfig:
     message_retention_count: int = 10000
     #: Log entries between snapshots (pysyncobj ``logCompactionMinEntries``).
     compaction_entries: int = 10000
+    #: ...or past this many bytes of log entries since the last snapshot (issue 9).
+    compaction_bytes: int = 32 * 1024 * 1024
     #: Fsync the journal and snapshots after each write (slower, survives power loss).
     fsync: bool = False
     #: Most ops in each of a txn's compare, success and failure lists (etcd's default).
@@ -474,6 +479,7 @@ class _Parser:
         retention_seconds = self.seconds(cluster, "cluster.message_retention_seconds", 3600.0)
         retention_count = self.integer(cluster, "cluster.message_retention_count", 10000)
         compaction = self.integer(cluster, "cluster.compaction_entries", 10000)
+        compaction_bytes = self.integer(cluster, "cluster.compaction_bytes", 32 * 1024 * 1024)
         fsync = self.boolean(cluster, "cluster.fsync", False)
         limits = {
             key: self.integer(cluster, f"cluster.{key}", default)
@@ -504,6 +510,7 @@ class _Parser:
             message_retention_seconds=retention_seconds,
             message_retention_count=retention_count,
             compaction_entries=compaction,
+            compaction_bytes=compaction_bytes,
             fsync=fsync,
             node_timeout=node_timeout,
             **limits,

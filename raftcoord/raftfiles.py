@@ -21,8 +21,8 @@ from pysyncobj.pickle import dumps as pysyncobj_dumps
 from raftcoord.errors import ValueFormatError
 from raftcoord.values import decode_cbor, encode_cbor
 
-__all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "fsync_path",
-           "replace_durably", "rewrite_journal"]
+__all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "encode_dump_parts",
+           "fsync_path", "replace_durably", "rewrite_journal"]
 
 DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
 DUMP_VERSION: Final = 1
@@ -47,6 +47,33 @@ def encode_dump(dump: Dump) -> bytes:
         "cluster": list(dump.cluster),
         "state": dump.state,
     })
+
+
+def _bytes_head(n: int) -> bytes:
+    """The CBOR head of a byte string of ``n`` bytes (major type 2)."""
+    if n < 24:
+        return bytes([0x40 + n])
+    for code, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if n < 1 << (8 * size):
+            return bytes([code]) + n.to_bytes(size, "big")
+    raise ValueError("byte string too long for CBOR")
+
+
+def encode_dump_parts(dump: Dump) -> list[bytes]:
+    """:func:`encode_dump`'s bytes in pieces, the state among them uncopied.
+
+    The state of a large store is 100 MB and more; joining it into one
+    bytes object would hold a second copy in memory and the GIL while
+    copying. Written one after the other, the pieces are ``encode_dump(dump)``.
+    """
+    empty = encode_dump(Dump(dump.last, dump.prev, dump.cluster, b""))
+    # Canonical CBOR sorts the keys by length first: "last" and "prev" come
+    # before "state", then "format", "cluster" and "version".
+    at = 1 + sum(len(encode_cbor(k)) + len(encode_cbor(list(v))) for k, v in (("last", dump.last), ("prev", dump.prev)))
+    at += len(encode_cbor("state"))
+    if empty[at - 6:at + 1] != encode_cbor("state") + _bytes_head(0):  # a cbor2 that orders otherwise
+        return [encode_dump(dump)]
+    return [empty[:at], _bytes_head(len(dump.state)), dump.state, empty[at + 1:]]
 
 
 def decode_dump(data: bytes) -> Dump:
