@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,27 +51,11 @@ from typing import Any
 
 import aiohttp
 
+from raftcoord.bench.systems import b64, free_ports
+
 KEYS = 1000
 VALUE_BYTES = 256
 HERE = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def percentile(values: list[float], q: float) -> float:

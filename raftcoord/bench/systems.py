@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,39 +31,17 @@ from typing import Any
 
 import aiohttp
 
+from raftcoord.chaos.cluster import free_ports
+from raftcoord.keys import prefix_end
+
 __all__ = ["Cluster", "Member", "Processes", "Worker", "b64", "etcd_version", "find_leader", "free_ports",
            "prefix_end", "rss_bytes", "start_etcd", "start_raftcoord", "start_workers", "worker_leader",
            "write_cluster_file"]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def b64(data: bytes) -> str:
     """Base64 text, as etcd's JSON gateway wants bytes."""
     return base64.b64encode(data).decode("ascii")
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The end of the key range of ``prefix`` (etcd's rule)."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return b"\0"
-    p[-1] += 1
-    return bytes(p)
 
 
 def rss_bytes(pid: int) -> int:
