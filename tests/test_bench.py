@@ -47,21 +47,13 @@ def _check_every_system_measured(report: dict[str, Any], workloads: set[str], st
 
 
 @pytest.mark.cluster
-def test_bench_quick_puts_and_messages_give_figures_for_every_system(tmp_path: Path) -> None:
-    """A short run (puts and message delivery) gives figures for every system found, a table and a JSON file."""
-    report, stdout, stderr = _bench(tmp_path, "--quick", "--workloads", "puts,messages", timeout=180)
-    _check_every_system_measured(report, {"puts", "messages"}, stdout)
-    assert "ratios" in stdout and "figures written to" in stdout
-    assert "clients" in stderr  # the progress lines
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_bench_quick_gives_figures_for_every_system_and_workload(tmp_path: Path) -> None:
     """``raftcoord bench --quick``: every workload of every system found has figures, also failover, restart and
-    memory (extrapolated, and said so)."""
-    report, stdout, _ = _bench(tmp_path, "--quick", timeout=600)
+    memory (extrapolated, and said so); a table with ratios, a JSON file and progress lines."""
+    report, stdout, stderr = _bench(tmp_path, "--quick", timeout=600)
     _check_every_system_measured(report, set(RUNS["raftcoord"]), stdout)
+    assert "ratios" in stdout and "figures written to" in stdout
+    assert "clients" in stderr  # the progress lines
     for system in ("raftcoord", "etcd"):
         if system not in report["skipped"]:
             assert report["failover"][system]["kills"] == 2
