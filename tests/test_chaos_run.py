@@ -362,7 +362,9 @@ def test_foreign_writes_are_caught_and_reported(tmp_path: Path) -> None:
     assert summary["checks"]["messages"] and summary["checks"]["agreement"] and summary["checks"]["recovery"]
     assert summary["history"] == str(out / "history.jsonl") and len(Loaded.load(out / "history.jsonl")) > 0
     report = (out / "report.txt").read_text()
-    assert "NOT linearizable" in report and "'intruder'" in report, report
+    # The checker may catch the intrusion by a read of 'intruder' or by a CAS
+    # that no order explains; which one comes first depends on timing.
+    assert "NOT linearizable" in report and "keys that fail" in report, report
     assert "chaos/d/ghost was never written" in report and "durability: FAILED" in report, report
     assert (out / "logs" / "n1.log").exists()
 
