@@ -36,6 +36,8 @@ __all__ = [
     "Command",
     "Compare",
     "Delete",
+    "Member",
+    "MemberChange",
     "NodeSet",
     "Post",
     "Purge",
@@ -567,9 +569,100 @@ class Session:
         return cls()
 
 
-Command = Union[Put, Delete, Txn, Post, NodeSet, Purge, Truncate, Barrier, Session]
+#: What a member change may do; "seed" fills an empty registry at once.
+MEMBER_ACTIONS: Final = ("seed", "add", "promote", "remove")
+#: Members a registry may hold (a hard cap: a seed is applied on the Raft thread).
+MAX_MEMBERS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of the cluster's member registry: a node's name, addresses and vote."""
+
+    name: str
+    raft: str
+    client: str
+    voter: bool
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "raft", "client"):
+            value = _check(field_name, getattr(self, field_name), str)
+            if not 0 < len(value.encode("utf-8")) <= 255 or "\x00" in value:
+                raise CommandError(f"member {field_name} must be 1-255 bytes of UTF-8 without NUL",
+                                   field=field_name)
+        if not isinstance(self.voter, bool):
+            raise CommandError(f"member voter must be a boolean, not {type(self.voter).__name__}", field="voter")
+
+    def to_map(self) -> dict[str, Any]:
+        """As carried in commands and snapshots."""
+        return {"name": self.name, "raft": self.raft, "client": self.client, "voter": self.voter}
+
+    @classmethod
+    def from_map(cls, m: Any) -> Member:
+        """Decode and validate; raises CommandError naming the field."""
+        _check("member", m, Mapping)
+        return cls(name=_get(m, "name"), raft=_get(m, "raft"), client=_get(m, "client"), voter=_get(m, "voter"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberChange:
+    """Change the member registry (op ``member``), one node at a time.
+
+    ``seed`` fills an empty registry with ``members`` (the cluster file's
+    nodes, proposed by the first leader) and changes nothing once it holds
+    any; ``add`` records ``members[0]``; ``promote`` makes the non-voter
+    ``name`` a voter; ``remove`` drops ``name``. A change of a voter travels
+    in the same Raft entry as pysyncobj's own membership change
+    (``raftcoord.membership``), so the registry and the Raft configuration
+    move together.
+    """
+
+    op: ClassVar[str] = "member"
+    action: str
+    members: tuple[Member, ...] = ()
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in MEMBER_ACTIONS:
+            raise CommandError(f"member action must be one of {', '.join(MEMBER_ACTIONS)}, not {self.action!r}",
+                               field="action")
+        if self.action == "seed":
+            if not 0 < len(self.members) <= MAX_MEMBERS:
+                raise CommandError(f"a seed holds 1 to {MAX_MEMBERS} members", field="members")
+        elif self.action == "add":
+            if len(self.members) != 1:
+                raise CommandError("an add holds exactly one member", field="members")
+        elif not isinstance(self.name, str) or not self.name:
+            raise CommandError(f"a {self.action} names the member", field="name")
+        for m in self.members:
+            _check("members", m, Member)
+
+    def to_map(self) -> dict[str, Any]:
+        """The command as proposed."""
+        out: dict[str, Any] = {"op": self.op, "action": self.action}
+        if self.members:
+            out["members"] = [m.to_map() for m in self.members]
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> MemberChange:
+        """Decode and validate."""
+        raw = _get(m, "members", [])
+        _check("members", raw, list)
+        if len(raw) > MAX_MEMBERS:
+            raise CommandError(f"a member change holds at most {MAX_MEMBERS} members", field="members")
+        name = _get(m, "name", None)
+        if name is not None:
+            _check("name", name, str)
+        return cls(action=_check("action", _get(m, "action"), str),
+                   members=tuple(Member.from_map(x) for x in raw), name=name)
+
+
+Command = Union[Put, Delete, Txn, Post, NodeSet, Purge, Truncate, Barrier, Session, MemberChange]
 _COMMANDS: Final[dict[str, Any]] = {
-    cls.op: cls for cls in (Put, Delete, Txn, Post, NodeSet, Purge, Truncate, Barrier, Session)
+    cls.op: cls for cls in (Put, Delete, Txn, Post, NodeSet, Purge, Truncate, Barrier, Session, MemberChange)
 }
 
 

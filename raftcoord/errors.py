@@ -35,6 +35,7 @@ __all__ = [
     "KeyFormatError",
     "KeyNotFoundError",
     "LimitExceededError",
+    "NewerFormatError",
     "NotLeaderError",
     "RaftcoordError",
     "ReplicaFailedError",
@@ -96,6 +97,17 @@ class ValueFormatError(DecodeError):
     code = "value_format"
 
 
+class NewerFormatError(ValueFormatError):
+    """Bytes of a newer format than this node knows (a log entry, a snapshot): upgrade the node.
+
+    The message names the format met, the formats this node knows, and says to
+    upgrade. A replica that meets such a log entry stops applying (fail-stop)
+    rather than guess at it or acknowledge it (issue 10, ``formats.py``).
+    """
+
+    code = "newer_format"
+
+
 class CommandError(InvalidInputError):
     """The state machine refused a command; the state did not change."""
 
@@ -142,6 +154,13 @@ class KeyNotFoundError(RaftcoordError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message otherwise.
         return self.message
+
+
+class MemberNotFoundError(RaftcoordError):
+    """No member of the cluster has that name."""
+
+    http_status = 404
+    code = "member_not_found"
 
 
 class ConflictError(RaftcoordError):

@@ -60,13 +60,35 @@ raw writes under those headers are refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Final
 
 from raftcoord import clock as lamport
-from raftcoord.commands import Barrier, Delete, NodeSet, Post, Purge, Put, Range, Session, Truncate, Txn
+from raftcoord.commands import (
+    MAX_MEMBERS,
+    Barrier,
+    Delete,
+    Member,
+    MemberChange,
+    NodeSet,
+    Post,
+    Purge,
+    Put,
+    Range,
+    Session,
+    Truncate,
+    Txn,
+)
 from raftcoord.commands import decode_command, decode_req
-from raftcoord.errors import CommandError, CompactedError, ConflictError, RaftcoordError, RequestTooLargeError, ValueFormatError
+from raftcoord.errors import (
+    CommandError,
+    CompactedError,
+    ConflictError,
+    MemberNotFoundError,
+    RaftcoordError,
+    RequestTooLargeError,
+    ValueFormatError,
+)
 from raftcoord.events import Applied, Change, Event, KeyDeleted, KeyPut, KeyValue, MessagePosted, NodeStateSet, RangeResult
 from raftcoord.history import HISTORY_BYTES, HISTORY_REVISIONS, History, KeyChange
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, NODE_PREFIX, MessageKey, NodeKey, is_reserved, prefix_end
@@ -101,6 +123,8 @@ __all__ = [
 MAX_COMMAND_BYTES: Final = 1536 * 1024
 #: Messages one purge examines and removes; the leader's next purge goes on.
 MAX_PURGE_PER_COMMAND: Final = 4096
+#: Format 5: ``members``, the member registry (issue 10); older formats restore
+#: with an empty one.
 #: Format 4: ``kvs`` is ``[keys, records]``, a record being the create
 #: revision, mod revision and version (big-endian uint64s) then the value, as
 #: the store holds it, and history changes are ``[key, record, previous]``:
@@ -109,8 +133,8 @@ MAX_PURGE_PER_COMMAND: Final = 4096
 #: Format 2: sessions are registered and results may be tombstones (None);
 #: restored with an empty history (compact_revision = revision + 1).
 #: Format 1 (ids chosen by clients) is still restored; its ids stay live.
-SNAPSHOT_FORMAT: Final = 4
-_READABLE_FORMATS: Final = (1, 2, 3, 4)
+SNAPSHOT_FORMAT: Final = 5
+_READABLE_FORMATS: Final = (1, 2, 3, 4, 5)
 FIRST_REVISION: Final = 1  # as in etcd: an empty store is at revision 1
 
 
@@ -165,6 +189,8 @@ class Store:
             max_full_result_bytes=self.max_full_result_bytes,
         )
         self._history = History(max_revisions=self.history_revisions, max_bytes=self.history_bytes)
+        # The member registry by name (issue 10): who is in the cluster, and who votes.
+        self._members: dict[str, Member] = {}
         # The key changes of the command being applied, for the history:
         # (key, new record or None if deleted, old record or None).
         self._changed: list[KeyChange] = []
@@ -204,6 +230,15 @@ class Store:
     def sessions(self) -> list[str]:
         """Live client session ids, least recently used first."""
         return self._sessions.clients()
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """The member registry, sorted by name; empty until the first leader seeds it."""
+        return tuple(self._members[name] for name in sorted(self._members))
+
+    def clear_members(self) -> None:
+        """Empty the member registry (offline only: a restored backup seeds its new cluster's)."""
+        self._members = {}
 
     @property
     def compact_revision(self) -> int:
@@ -590,6 +625,48 @@ class Store:
         client = self._sessions.register(self._applied)
         return Applied({"ok": True, "revision": self._revision, "client": client})
 
+    def _cmd_member(self, cmd: MemberChange) -> Applied:
+        # The registry is not a key: a change moves no revision, as etcd's
+        # member changes leave the key space's alone.
+        members = self._members
+        if cmd.action == "seed":
+            if members:
+                return Applied({"ok": True, "revision": self._revision, "seeded": False})
+            self._check_distinct(cmd.members)
+            self._members = {m.name: m for m in cmd.members}
+            return Applied({"ok": True, "revision": self._revision, "seeded": True})
+        if cmd.action == "add":
+            new = cmd.members[0]
+            if new.name in members:
+                raise ConflictError(f"member {new.name!r} already exists", field="name")
+            self._check_distinct((*members.values(), new))
+            if len(members) >= MAX_MEMBERS:
+                raise ConflictError(f"the registry already holds {MAX_MEMBERS} members", field="members")
+            members[new.name] = new
+            return Applied({"ok": True, "revision": self._revision, "member": new.to_map()})
+        old = members.get(cmd.name or "")
+        if old is None:
+            raise MemberNotFoundError(f"no member named {cmd.name!r}", field="name")
+        if cmd.action == "promote":
+            if old.voter:
+                raise ConflictError(f"member {old.name!r} is already a voter", field="name")
+            members[old.name] = Member(old.name, old.raft, old.client, True)
+            return Applied({"ok": True, "revision": self._revision, "member": members[old.name].to_map()})
+        if old.voter and sum(m.voter for m in members.values()) == 1:
+            raise ConflictError(f"member {old.name!r} is the last voter", field="name")
+        del members[old.name]
+        return Applied({"ok": True, "revision": self._revision, "member": old.to_map()})
+
+    @staticmethod
+    def _check_distinct(members: Iterable[Member]) -> None:
+        seen: dict[str, set[str]] = {"name": set(), "raft": set(), "client": set()}
+        for m in members:
+            for field_name, values in seen.items():
+                value = getattr(m, field_name)
+                if value in values:
+                    raise ConflictError(f"two members would share the {field_name} {value!r}", field=field_name)
+                values.add(value)
+
     _HANDLERS: Final[dict[type, Callable[[Store, Any], Applied]]] = {
         Put: _cmd_put,
         Delete: _cmd_delete,
@@ -600,6 +677,7 @@ class Store:
         Truncate: _cmd_truncate,
         Barrier: _cmd_barrier,
         Session: _cmd_session,
+        MemberChange: _cmd_member,
     }
 
     # ------------------------------------------------------------- snapshots
@@ -627,6 +705,7 @@ class Store:
                 "sessions": sessions,
                 "compact_revision": self._history.compact_revision,
                 "history": history,
+                "members": [self._members[name].to_map() for name in sorted(self._members)],
             }
         )
 
@@ -651,6 +730,11 @@ class Store:
             raise ValueFormatError("snapshot must be a CBOR map", field="snapshot")
         fmt = snap.get("format")
         if fmt not in _READABLE_FORMATS:
+            if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > max(_READABLE_FORMATS):
+                # Issue 10: a rolling upgrade's newer node wrote it; say so, and what to do.
+                raise ValueFormatError(f"snapshot format {fmt} is newer than this node knows "
+                                       f"({min(_READABLE_FORMATS)}-{max(_READABLE_FORMATS)}): upgrade raftcoord",
+                                       field="format")
             raise ValueFormatError(f"unsupported snapshot format {fmt!r}", field="format")
         store = cls()
         store._revision = _uint(snap["revision"], "revision")
@@ -674,6 +758,12 @@ class Store:
             records=fmt >= 4,
             current=store._data.get,
         )
+        if fmt >= 5:
+            try:
+                members = [Member.from_map(m) for m in snap["members"]]
+            except CommandError as exc:
+                raise ValueFormatError(f"snapshot member registry: {exc.message}", field="members") from None
+            store._members = {m.name: m for m in members}
         return store
 
 

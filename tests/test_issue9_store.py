@@ -97,13 +97,14 @@ def test_issue9_store_memory_per_key_is_compact() -> None:
 
 
 def test_issue9_snapshot_format_4_is_the_records_as_held() -> None:
-    """Format 4's kvs is [keys, records]: revisions as three big-endian uint64s, then the value."""
+    """Format 4's kvs (kept by format 5) is [keys, records]: three big-endian uint64 revisions, then the value."""
     s = Store()
     s.apply_map({"op": "put", "key": b"b", "value": b"x"})
     s.apply_map({"op": "put", "key": b"a", "value": b"y"})
     s.apply_map({"op": "put", "key": b"b", "value": b"zz"})
     snap = decode_cbor(s.snapshot())
-    assert snap["format"] == store_module.SNAPSHOT_FORMAT == 4
+    assert snap["format"] == store_module.SNAPSHOT_FORMAT == 5  # 5 added the member registry (issue 10)
+    assert snap["members"] == []
     assert snap["kvs"] == [[b"a", b"b"], [struct.pack(">QQQ", 3, 3, 1) + b"y", struct.pack(">QQQ", 2, 4, 2) + b"zz"]]
 
 
