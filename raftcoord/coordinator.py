@@ -145,8 +145,12 @@ class Coordinator:
         self._in_flight: set[int] = set()
         #: The node's timer work, when built by :meth:`from_cluster_config`.
         self.housekeeper: Housekeeper | None = None
+        #: The member registry and its changes (:mod:`raftcoord.membership`); None in memory.
+        self.membership: Any = None
         self._feeds: set[Observer | Watch] = set()
+        self._delivered_by_ended = 0  # messages delivered by observers already forgotten (metrics)
         self._messages_posted = Wakeup()
+        self._posted = 0  # messages this node posted (for metrics: feed_stats)
         self._keys_changed = Wakeup()
         self._closed = False
         backend.add_listener(self._on_applied)
@@ -178,7 +182,9 @@ class Coordinator:
         return cls.from_cluster_config(load_config(path), node=node, **kwargs)
 
     @classmethod
-    def from_cluster_config(cls, config: Any, *, node: str, housekeeping: bool = True, **kwargs: Any) -> Coordinator:
+    def from_cluster_config(cls, config: Any, *, node: str, housekeeping: bool = True,
+                            voters: list[str] | None = None, voter: bool | None = None,
+                            **kwargs: Any) -> Coordinator:
         """A coordinator embedding replica ``node`` of a loaded cluster configuration.
 
         ``config`` is a :class:`raftcoord.config.ClusterConfig` (duck-typed).
@@ -188,6 +194,10 @@ class Coordinator:
         (``joining``, ``up``; ``leaving``, ``down`` on :meth:`close`) and,
         while it leads, marks unreachable nodes and purges old messages
         (:class:`~raftcoord.housekeeping.Housekeeper`, as ``.housekeeper``).
+        ``voters`` (raft addresses) and ``voter`` replace what the file says
+        about the other voters and this node's vote: a node joining a running
+        cluster takes them from the cluster's member registry (issue 10).
+        The coordinator's ``.membership`` lists and changes the members.
         """
         from raftcoord.config import check_can_start
         from raftcoord.replica import open_replica_backend
@@ -198,12 +208,15 @@ class Coordinator:
         for name in ("max_txn_ops", "max_response_bytes"):
             if getattr(config, name, None) is not None:
                 kwargs.setdefault(name, getattr(config, name))
-        backend = open_replica_backend(config, node)
+        backend = open_replica_backend(config, node, voters=voters, voter=voter)
         try:
             coord = cls(backend, host=node_cfg.name, cluster=config.name, addr=node_cfg.raft, **kwargs)
         except BaseException:
             backend.close()
             raise
+        from raftcoord.membership import Membership
+
+        coord.membership = Membership(coord, config)
         if housekeeping:
             # An embedded node may be the leader: it must mark liveness and
             # purge like a served one, or nobody would while it leads.
@@ -583,9 +596,28 @@ class Coordinator:
             cmd["payload"] = payload
         message = Message.from_map(self.execute(cmd, req=req)["message"])
         with self._lock:
+            self._posted += 1
             if message.clock is not None and message.clock > self._clock.value:
                 self._clock = LamportClock(message.clock)
         return message
+
+    def feed_stats(self) -> dict[str, Any]:
+        """Counts of this node's messages and feeds, for metrics (:mod:`raftcoord.metrics`).
+
+        ``posted``: messages posted through this coordinator; ``delivered``:
+        messages handed to its observers' callbacks; ``observers`` and
+        ``watches`` open now; ``observer_clocks``: each open observer's last clock.
+        """
+        with self._lock:
+            posted, feeds, delivered_before = self._posted, list(self._feeds), self._delivered_by_ended
+        observers = [f for f in feeds if isinstance(f, Observer)]
+        return {
+            "posted": posted,
+            "delivered": delivered_before + sum(o.delivered for o in observers),
+            "observers": sum(1 for o in observers if not o.closed),
+            "watches": sum(1 for f in feeds if isinstance(f, Watch) and not f.closed),
+            "observer_clocks": [o.last_clock for o in observers if not o.closed],
+        }
 
     def messages(self, since: int | None = None, *, consistency: Consistency | None = None) -> list[Message]:
         """Messages with a clock above ``since`` (all kept ones for None), in clock order.
@@ -688,6 +720,18 @@ class Coordinator:
         watch = Watch(self, self._keys_changed, callback, key=start, end=end, start_revision=first,
                       prev_kv=prev_kv, filters=wanted, progress_interval=progress_interval, on_error=on_error)
         return self._start_feed(watch)
+
+    def _feed_ended(self, feed: Observer | Watch) -> None:
+        """A feed's thread ended (closed, or stopped by an error): forget it.
+
+        Every HTTP watch and follow stream is a feed; kept until the
+        coordinator closes, each would stay in memory for the node's life.
+        """
+        with self._lock:
+            if feed in self._feeds:
+                self._feeds.discard(feed)
+                if isinstance(feed, Observer):
+                    self._delivered_by_ended += feed.delivered
 
     def _start_feed(self, feed: F) -> F:
         with self._lock:

@@ -62,6 +62,7 @@ from typing import Any, Final
 
 import pysyncobj.pickle as pysyncobj_pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.serializer import Serializer
 from pysyncobj.tcp_connection import TcpConnection
@@ -82,6 +83,9 @@ log = logging.getLogger(__name__)
 #: leader could not tell which node it stopped hearing. pysyncobj ignores
 #: message types it does not know, so an older peer is not disturbed.
 HELLO: Final = "rc_hello"
+
+#: pysyncobj's command type of a membership change entry (``_COMMAND_TYPE.MEMBERSHIP``).
+MEMBERSHIP_ENTRY: Final = 2
 
 # --------------------------------------------------------------------------
 # The guards on incoming append_entries (hazards 3 and 5, d15).
@@ -652,6 +656,45 @@ class Engine(SyncObj):
                 and not chunk[2]
                 and message.get("term") == self.raftCurrentTerm and not self._isLeader()):
             self._SyncObj__sendNextNodeIdx(node, reset=False, success=False)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ membership
+
+    def rc_change_membership(self, kind: str, address: str, registry_command: bytes,
+                             callback: Callable[[Any, int], None]) -> None:
+        """Raft thread: propose pysyncobj's change of the voters (``"add"`` or ``"rem"`` ``address``).
+
+        The entry also carries ``registry_command``, the store command that
+        records the change in the member registry: pysyncobj reads only the
+        first three items of its request, and this engine applies the fourth
+        when the entry commits (:meth:`_SyncObj__doApplyCommand`). One entry,
+        so the Raft configuration and the registry never disagree about a
+        committed change. pysyncobj changes its configuration when the entry
+        is appended (the Raft paper's rule), refuses a change while another
+        is uncommitted or before its leader's first entry committed
+        (REQUEST_DENIED), and a follower forwards the request to the leader.
+        """
+        if kind not in ("add", "rem"):
+            raise ValueError(f"membership change must be add or rem, not {kind!r}")
+        request = [kind, address, TCPNode(address), bytes(registry_command)]
+        self._applyCommand(pickle.dumps(request, protocol=_PICKLE_PROTOCOL), callback, MEMBERSHIP_ENTRY)
+
+    def rc_voters(self) -> list[str]:
+        """The voters' raft addresses in this engine's current configuration (Raft thread)."""
+        others = [n.address for n in self.otherNodes]
+        me = self.selfNode
+        return sorted(others + ([me.address] if me is not None else []))
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:  # noqa: N802
+        result = SyncObj._SyncObj__doApplyCommand(self, command)  # type: ignore[attr-defined]
+        if command[:1] == bytes([MEMBERSHIP_ENTRY]):
+            try:
+                request = pickle.loads(command[1:])  # noqa: S301 - a committed entry from an authenticated peer
+            except Exception:  # noqa: BLE001 - never raise on apply (hazard 7)
+                log.error("a committed membership entry could not be read; its registry change is skipped")
+                return None
+            if isinstance(request, list) and len(request) >= 4 and isinstance(request[3], bytes):
+                return self._rc_sink(request[3])
+        return result
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802, N803
         # d8: pysyncobj logs a snapshot that fails to load and then tells the

@@ -129,6 +129,14 @@ class _Feed:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            ended = getattr(self._source, "_feed_ended", None)
+            if ended is not None:
+                ended(self)
+
+    def _loop(self) -> None:
         failures = 0
         while not self._closed.is_set():
             seen = self._wakeup.generation
@@ -197,6 +205,8 @@ class Observer(_Feed):
         self.callback = callback
         self.include_own = include_own
         self.last_clock = since
+        #: Messages handed to the callback so far (for metrics; written by this feed's thread only).
+        self.delivered = 0
 
     def __repr__(self) -> str:
         return f"<Observer {self.id} last_clock={self.last_clock} closed={self.closed}>"
@@ -215,6 +225,7 @@ class Observer(_Feed):
                 self.callback(message)
             except Exception:  # noqa: BLE001 - one bad callback must not stop delivery
                 log.exception("observer %r failed on message clock %d; continuing", self.callback, message.clock)
+            self.delivered += 1
         return len(batch) == MESSAGE_BATCH
 
 

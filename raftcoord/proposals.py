@@ -46,8 +46,10 @@ The contract of propose and read barriers
    2 and 3 hold per command: a retry proposes the same command bytes again,
    maybe in another batch, and its session makes that at most once. A
    barrier in a batch commits in the term of the leader that appended the
-   entry, like any barrier. A command may not itself begin with
-   :data:`BATCH_MAGIC`.
+   entry, like any barrier. A command may not itself begin with 0xFF:
+   entries that do are framed (:data:`BATCH_MAGIC`, or a version frame of
+   a later format; ``raftcoord/formats.py``), and a replica stops on framing
+   it does not know rather than guess.
 """
 
 from __future__ import annotations
@@ -66,11 +68,13 @@ from pysyncobj.config import FAIL_REASON
 from raftcoord.engine import Throttle
 from raftcoord.errors import (
     InvalidInputError,
+    NewerFormatError,
     RaftcoordError,
     TimeoutError,
     UnavailableError,
     UnknownOutcomeError,
 )
+from raftcoord.formats import BATCH_MAGIC, describe
 from raftcoord.values import encode_cbor
 
 __all__ = ["BARRIER", "BATCH_MAGIC", "NOT_APPLIED", "BarrierRound", "Barriers", "Batcher", "Proposal", "Proposer",
@@ -89,10 +93,10 @@ NOT_APPLIED: Final = frozenset(
 _REASON_NAMES: Final = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 _BACKOFF: Final = (0.01, 0.25)  # first and longest pause between refused attempts
 
-#: The first bytes of a Raft entry that carries several commands (a batch).
-#: 0xFF is CBOR's "break", which can begin no data item, so no command a
-#: store would apply starts with it; ``propose`` refuses one that does.
-BATCH_MAGIC: Final = b"\xffrcB"
+# BATCH_MAGIC, the first bytes of a Raft entry that carries several commands,
+# lives in formats.py with the other framings. 0xFF is CBOR's "break", which
+# can begin no data item, so no command a store would apply starts with it;
+# ``propose`` refuses one that does.
 _U32: Final = struct.Struct(">I")
 
 #: ``submit(command, callback)``: hand ``command`` to the Raft engine, which
@@ -195,6 +199,9 @@ class Proposer:
         self._closed = False
         self._pending: weakref.WeakSet[Proposal] = weakref.WeakSet()
         self._giveups = Throttle(5.0)
+        #: Proposals (read barriers aside) applied, and failed by error code, for metrics (under _lock).
+        self.committed = 0
+        self.failed: dict[str, int] = {}
 
     def close(self) -> None:
         """End every pending proposal now, and every later one at once. Idempotent."""
@@ -218,15 +225,31 @@ class Proposer:
         refusal in the result, such as an expired session, proves the command
         was not applied by any attempt).
         """
+        if command is BARRIER:  # a read, not a write: not counted
+            return self._propose(command, timeout, retry_ambiguous=retry_ambiguous, report=report)
+        try:
+            result = self._propose(command, timeout, retry_ambiguous=retry_ambiguous, report=report)
+        except RaftcoordError as exc:
+            with self._lock:
+                self.failed[exc.code] = self.failed.get(exc.code, 0) + 1
+            raise
+        with self._lock:
+            self.committed += 1
+        return result
+
+    def _propose(self, command: bytes, timeout: float, *, retry_ambiguous: bool,
+                 report: dict[str, Any] | None) -> dict[str, Any]:
         if not isinstance(command, (bytes, bytearray, memoryview)):
             raise InvalidInputError("a command must be bytes", field="command")
         command = bytes(command)
         if len(command) > self._max_command_bytes:
             raise InvalidInputError(f"command of {len(command)} bytes exceeds the limit of "
                                     f"{self._max_command_bytes}", field="command")
-        if command.startswith(BATCH_MAGIC):
-            raise InvalidInputError("a command must not begin with the bytes that mark a batch of commands",
-                                    field="command")
+        if command[:1] == b"\xff":
+            # A forged frame would be a batch, or a "newer format" entry that
+            # stops every replica that applies it (formats.py).
+            raise InvalidInputError("a command must not begin with 0xFF, which marks a framed log entry "
+                                    "(a batch of commands or a newer entry format)", field="command")
         self._check_open()
         deadline = time.monotonic() + timeout
         p = Proposal()
@@ -393,6 +416,9 @@ def decode_batch(entry: bytes) -> list[bytes] | None:
     Not one: a plain command (every entry before batching, and any command
     alone), or a frame that does not parse, which the caller applies as one
     command: the store refuses it as it refused such bytes before batching.
+    A well-formed batch holding a command that begins with 0xFF (a frame:
+    this code puts none in a batch, so a later format did) raises
+    NewerFormatError, as ``formats.check_entry`` does for a whole entry.
     """
     if not entry.startswith(BATCH_MAGIC) or len(entry) < len(BATCH_MAGIC) + 4:
         return None
@@ -402,6 +428,7 @@ def decode_batch(entry: bytes) -> list[bytes] | None:
     if not count or count > (len(entry) - pos) // 4:
         return None
     out: list[bytes] = []
+    framed: int | None = None  # where the first command that begins with 0xFF starts
     for _ in range(count):
         if pos + 4 > len(entry):
             return None
@@ -409,9 +436,15 @@ def decode_batch(entry: bytes) -> list[bytes] | None:
         pos += 4
         if pos + size > len(entry):
             return None
+        if size and entry[pos] == 0xFF and framed is None:
+            framed = pos
         out.append(entry[pos:pos + size])
         pos += size
-    return out if pos == len(entry) else None
+    if pos != len(entry):
+        return None
+    if framed is not None:
+        raise NewerFormatError(f"a command in a batch: {describe(entry[framed:framed + 8])}", field="entry")
+    return out
 
 
 class Batcher:

@@ -18,14 +18,18 @@ from typing import Any, Final
 from pysyncobj.journal import FileJournal, MetaStorer
 from pysyncobj.pickle import dumps as pysyncobj_dumps
 
-from raftcoord.errors import ValueFormatError
+from raftcoord.errors import NewerFormatError, ValueFormatError
+from raftcoord.formats import newer_message
 from raftcoord.values import decode_cbor, encode_cbor
 
 __all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "encode_dump_parts",
            "fsync_path", "replace_durably", "rewrite_journal"]
 
 DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
+#: The snapshot file layout this code writes, and those it reads (issue 10:
+#: a newer one is refused with "newer ... upgrade", never guessed at).
 DUMP_VERSION: Final = 1
+READABLE_DUMP_VERSIONS: Final = (1,)
 
 Entry = tuple[bytes, int, int]  # pysyncobj log entry: (command, index, term)
 
@@ -77,6 +81,7 @@ def encode_dump_parts(dump: Dump) -> list[bytes]:
 
 
 def decode_dump(data: bytes) -> Dump:
+    """The snapshot file in ``data``; ValueFormatError if it is not one, NewerFormatError if of a newer version."""
     obj = decode_cbor(data, what="snapshot file")
 
     def entry(name: str) -> Entry:
@@ -88,8 +93,12 @@ def decode_dump(data: bytes) -> Dump:
 
     if not isinstance(obj, dict) or obj.get("format") != DUMP_FORMAT:
         raise ValueFormatError("not a raftcoord snapshot file", field="format")
-    if obj.get("version") != DUMP_VERSION:
-        raise ValueFormatError(f"unsupported snapshot file version {obj.get('version')!r}", field="version")
+    version = obj.get("version")
+    if version not in READABLE_DUMP_VERSIONS:
+        if isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_DUMP_VERSIONS):
+            raise NewerFormatError(newer_message("snapshot file version", version, READABLE_DUMP_VERSIONS),
+                                   field="version")
+        raise ValueFormatError(f"unsupported snapshot file version {version!r}", field="version")
     cluster = obj.get("cluster")
     if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
         raise ValueFormatError("snapshot file cluster must be a list of addresses", field="cluster")

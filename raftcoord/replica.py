@@ -105,6 +105,7 @@ import fcntl
 import gc
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -121,12 +122,14 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from raftcoord.errors import (
     ConfigError,
     InvalidInputError,
+    NewerFormatError,
     RaftcoordError,
     ReplicaFailedError,
     UnavailableError,
     ValueFormatError,
 )
 from raftcoord.engine import Engine, Throttle, _SyncedSerializer
+from raftcoord.formats import check_entry
 from raftcoord.proposals import BARRIER, Barriers, Batcher, Proposer, decode_batch
 from raftcoord.raftfiles import (
     Dump,
@@ -137,6 +140,7 @@ from raftcoord.raftfiles import (
     encode_dump_parts,
     fsync_path,
 )
+from raftcoord.stats import ReplicaStats
 from raftcoord.views import PriorityLock, ReadView, ViewRegistry
 
 if TYPE_CHECKING:
@@ -294,6 +298,8 @@ class Replica:
         self._close_lock = threading.Lock()
         self._proposer = Proposer(self._submit, retry_interval=settings.retry_interval,
                                   max_command_bytes=settings.max_command_bytes, check_open=self._check_open)
+        #: Counters for metrics (issue 10), read at scrape time by raftcoord.metrics.
+        self.stats = ReplicaStats(proposals=self._proposer)
         self._batcher = Batcher(max_commands=settings.batch_max_commands, max_bytes=settings.batch_max_bytes,
                                 max_waiting=settings.queue_size)
         self._views = ViewRegistry(self._state_lock, lambda: self._store, check=self._check_open)
@@ -380,6 +386,10 @@ class Replica:
             deserializer=self._read_dump,
             maxBindRetries=1,
             onStateChanged=self._on_state_changed,
+            # Voters change through the log (issue 10, raftcoord.membership):
+            # the configuration is that of the last change entry in the log,
+            # kept in snapshots, so a node's cluster file only seeds it.
+            dynamicMembershipChange=True,
         )
         extra: dict[str, Any] = {}
         if "on_fatal" in inspect.signature(Engine.__init__).parameters:
@@ -418,6 +428,8 @@ class Replica:
                 try:
                     engine.doTick(period)
                 except Exception:  # noqa: BLE001 - pysyncobj's own tick loop also logs and goes on
+                    if self._failed is not None:
+                        continue  # said once, by _fail (e.g. a newer log entry format): no traceback
                     if self._tick_errors():
                         log.exception("raft tick failed (%d more not logged)", self._tick_errors.take())
                     self._stop.wait(period)
@@ -491,6 +503,7 @@ class Replica:
                 "log_entries": st["log_len"],
                 "has_quorum": st["has_quorum"],
                 "partners": {n.address: engine.isNodeConnected(n) for n in engine.otherNodes},
+                "voters": engine.rc_voters(),
                 "learners_connected": st["readonly_nodes_count"],
                 # The commit index the leader last told this replica (None
                 # until it did): caught up once last_applied reaches it.
@@ -503,7 +516,8 @@ class Replica:
             if self._status_errors():
                 log.exception("collecting the raft status failed (%d more not logged)", self._status_errors.take())
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, advice: str = "if it fails again, restore its data directory from a healthy node"
+              ) -> None:
         """Stop this replica for good (fail-stop, defect 8); the engine's ``on_fatal``.
 
         Nothing is applied any more, the Raft thread stops answering peers
@@ -514,9 +528,8 @@ class Replica:
             if self._failed is not None:
                 return
             self._failed = reason or "fatal error"
-        log.critical("replica %s stopped: %s. It answers no peer and serves no request until restarted; "
-                     "if it fails again, restore its data directory from a healthy node",
-                     self.self_address or "(non-voting)", self._failed)
+        log.critical("replica %s stopped: %s. It answers no peer and serves no request until restarted; %s",
+                     self.self_address or "(non-voting)", self._failed, advice)
         self._proposer.close()
 
     def _apply(self, entry: bytes) -> dict[str, Any] | list[dict[str, Any]]:
@@ -528,7 +541,18 @@ class Replica:
         one), under one hold of the state lock; a batch's result is the list
         of its commands' results.
         """
-        commands = decode_batch(entry)
+        try:
+            check_entry(entry)  # issue 10: first, and a one-byte test for a plain command
+            commands = decode_batch(entry)
+        except NewerFormatError as exc:
+            # A format this code does not know: guessing would diverge from the
+            # nodes that know it. Stop, and raise so that pysyncobj neither
+            # counts the entry applied nor answers its proposer (hazard 7:
+            # wanted here, and only this replica is left behind).
+            at = getattr(getattr(self, "_engine", None), "raftLastApplied", None)
+            self._fail(f"at log index {'?' if at is None else at + 1}, {exc.message}",
+                       advice="its data is sound: upgrade raftcoord on this node and start it again")
+            raise
         if self._failed is not None:
             # The store may be behind the log (a snapshot failed to load):
             # applying on top of it would diverge.
@@ -536,6 +560,7 @@ class Replica:
                 return {"ok": False, "revision": 0,
                         "error": {"code": ReplicaFailedError.code, "message": "the replica has failed"}}
             return refused() if commands is None else [refused() for _ in commands]
+        started = time.perf_counter()  # from before the lock: readers holding it delay the apply too
         try:
             with self._state_lock.first():
                 self._since_dump_bytes += len(entry)
@@ -548,6 +573,9 @@ class Replica:
             log.exception("applying a log entry failed; its commands were refused")
             return (self._internal_error(exc) if commands is None
                     else [self._internal_error(exc) for _ in commands])
+        finally:
+            self.stats.apply.observe(time.perf_counter() - started)
+            self.stats.applied_commands += 1 if commands is None else len(commands)
 
     def _apply_one(self, command: bytes) -> dict[str, Any]:
         """Apply one command under the state lock: the store, read views, listeners. Never raises."""
@@ -611,6 +639,7 @@ class Replica:
             fsync=self.settings.fsync,
         )
         job.since = since
+        job.stats = self.stats
         job.thread = threading.Thread(target=job.run, name=f"raftcoord-snapshot-{self.self_address}", daemon=True)
         self._dump_job = job
         job.thread.start()
@@ -643,7 +672,10 @@ class Replica:
             if self.settings.fsync:
                 fsync_path(Path(path))
                 fsync_path(Path(path).parent)
-            loaded = (dump.last, dump.prev, list(dump.cluster))
+            # pysyncobj drops its own node from a loaded cluster by comparing
+            # Node objects; the dump holds addresses, so it is dropped here
+            # (else, with dynamic membership, a node becomes its own partner).
+            loaded = (dump.last, dump.prev, [a for a in dump.cluster if a != self.self_address])
         except Exception as exc:
             self._fail(f"cannot load the snapshot {path}: {exc!r}")
             raise
@@ -678,6 +710,7 @@ class Replica:
             if seen[0] is None:
                 log.warning("no raft leader (term %d)", seen[1])
             else:
+                self.stats.leader_changes += 1
                 log.info("raft leader is %s (term %d)", seen[0], seen[1])
         self._leader_seen = seen
 
@@ -752,6 +785,71 @@ class Replica:
         """
         self._batcher.add(command, callback)
         self._wake()
+
+    # ------------------------------------------------------------ membership
+
+    def change_voters(self, kind: str, address: str, registry_command: bytes, timeout: float) -> dict[str, Any]:
+        """Add (``"add"``) or remove (``"rem"``) the voter at ``address``, with its registry change.
+
+        One Raft entry carries both (:meth:`Engine.rc_change_membership`).
+        Returns the store's result for ``registry_command`` once the entry is
+        committed and applied here. Raises ConflictError when the leader
+        refuses (another change is not committed yet, the node is already in
+        or not in the configuration, or the leader would remove itself),
+        UnavailableError when no leader took it, and UnknownOutcomeError when
+        it may have applied (the caller reads the registry to find out).
+        """
+        from raftcoord.errors import ConflictError, UnknownOutcomeError
+
+        self._check_open()
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def callback(result: Any, reason: int) -> None:
+            outcome.append((result, reason))
+            done.set()
+
+        self._on_raft_thread(lambda: self._engine.rc_change_membership(kind, address, registry_command, callback))
+        if not done.wait(timeout):
+            raise UnknownOutcomeError(f"the membership change of {address} was not heard back in {timeout} s: "
+                                      "list the members to see whether it applied", field="member")
+        result, reason = outcome[0]
+        if reason == FAIL_REASON.SUCCESS:
+            return result if isinstance(result, dict) else {"ok": True}
+        if reason == FAIL_REASON.REQUEST_DENIED:
+            raise ConflictError(f"the leader refused to {'add' if kind == 'add' else 'remove'} voter {address}: "
+                                "another membership change is not committed yet, the leader is new, or the "
+                                "configuration already is so (retry in a moment)", field="member")
+        if reason in (FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
+                      FAIL_REASON.DISCARDED):
+            raise UnavailableError(f"the membership change of {address} did not apply (no leader took it); retry",
+                                   field="member")
+        raise UnknownOutcomeError(f"the membership change of {address} may or may not have applied "
+                                  f"(pysyncobj reason {reason}): list the members to see", field="member")
+
+    def transfer_leadership(self, timeout: float) -> str | None:
+        """On the leader: hand leadership to the most caught-up voter; the new leader's address.
+
+        Returns None when this replica is not the leader. Raises
+        UnavailableError when no other voter took over within ``timeout``.
+        """
+        self._check_open()
+        if not self._on_raft_thread(self._engine._isLeader):
+            return None
+        me = self.self_address
+        deadline = time.monotonic() + timeout
+        asked = -math.inf
+        while time.monotonic() < deadline:
+            leader = self.status().get("leader")
+            if leader is not None and leader != me:
+                return str(leader)
+            if time.monotonic() - asked > 0.3 and leader == me:
+                # pysyncobj hands over only to a follower that holds the whole
+                # log; under writes that takes a few tries.
+                asked = time.monotonic()
+                self._on_raft_thread(lambda: self._engine.transferLeadership())
+            time.sleep(0.02)
+        raise UnavailableError(f"no other voter took leadership from {me} within {timeout} s", field="member")
 
     # ----------------------------------------------------------------- reads
 
@@ -926,6 +1024,7 @@ class _DumpJob:
         self.path, self.last, self.prev, self.cluster, self.image, self.fsync = path, last, prev, cluster, image, fsync
         self.thread: threading.Thread
         self.since = (0, 0)  # commands and bytes applied between the previous snapshot and this one
+        self.stats: ReplicaStats | None = None  # the replica's, to record a written snapshot in
         self.lock = threading.Lock()
         self.cancelled = False
         self.outcome = _SERIALIZING
@@ -971,6 +1070,9 @@ class _DumpJob:
         finally:
             self.image = None
         elapsed = time.monotonic() - self.started
+        if self.stats is not None:
+            self.stats.snapshot_bytes, self.stats.snapshot_seconds = size, elapsed
+            self.stats.snapshots += 1
         log.info("snapshot at log index %d: %d bytes in %.0f ms (in the background)",
                  self.last[1], size, elapsed * 1000)
         self.outcome = _SUCCESS
@@ -1025,12 +1127,17 @@ class _BackgroundSerializer(_SyncedSerializer):
         return super().setTransmissionData(data)  # type: ignore[no-any-return]
 
 
-def open_replica_backend(config: Any, node: str, **kwargs: Any) -> Replica:
+def open_replica_backend(config: Any, node: str, *, voters: list[str] | None = None, voter: bool | None = None,
+                         **kwargs: Any) -> Replica:
     """The replica of ``node`` described by a cluster configuration.
 
     ``config`` is a :class:`raftcoord.config.ClusterConfig` (duck-typed, so
     this layer imports nothing from the service layer). A non-voter is a
     pysyncobj read-only node: no address of its own, it connects to the voters.
+    ``voters`` (the other voters' raft addresses) and ``voter`` replace the
+    file's: a node joining a running cluster takes them from its member
+    registry. Either way they only seed the Raft configuration: a snapshot
+    and the log's membership entries decide it.
     """
     me = config.node(node)
     settings = ReplicaSettings(
@@ -1041,10 +1148,11 @@ def open_replica_backend(config: Any, node: str, **kwargs: Any) -> Replica:
         compaction_bytes=getattr(config, "compaction_bytes", DEFAULT_COMPACTION_BYTES),
         fsync=config.fsync,
     )
-    partners = [n.raft for n in config.voters if n.name != me.name]
-    replica = Replica(me.raft if me.voter else None, partners, me.data_dir,
+    partners = voters if voters is not None else [n.raft for n in config.voters if n.name != me.name]
+    votes = me.voter if voter is None else voter
+    replica = Replica(me.raft if votes else None, partners, me.data_dir,
                       password=config.secret, settings=settings, **kwargs)
-    if not me.voter:
+    if not votes:
         # pysyncobj knows a non-voter only as an anonymous connection: it names
         # itself to the voters (engine HELLO) so the leader can judge its liveness.
         replica._engine.rc_identity = me.raft

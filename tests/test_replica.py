@@ -580,24 +580,26 @@ def test_snapshots_are_the_stores_cbor_and_a_restart_restores_everything(tmp_pat
 
 def test_a_crash_between_snapshot_and_journal_trim_loses_nothing(tmp_path: Path) -> None:
     """A journal left untrimmed after a snapshot keeps the entries after the snapshot."""
-    before = _crash_between_snapshot_and_trim(tmp_path)
-    with Replica(f"127.0.0.1:{free_port()}", [], tmp_path, password=None) as r:
+    addr, before = _crash_between_snapshot_and_trim(tmp_path)
+    # The same address: the snapshot names this node's Raft configuration
+    # (issue 10), and a node at another address would be another member.
+    with Replica(addr, [], tmp_path, password=None) as r:
         wait_for(lambda: snap(r) == before, 10, "every write back")
 
 
 def test_an_untrimmed_journal_loses_entries_without_alignment(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Reproduced: pysyncobj alone clears a journal that does not start at the snapshot."""
-    before = _crash_between_snapshot_and_trim(tmp_path)
+    addr, before = _crash_between_snapshot_and_trim(tmp_path)
     monkeypatch.setattr(replica_mod, "align_journal", lambda journal, dump: 0)
-    with Replica(f"127.0.0.1:{free_port()}", [], tmp_path, password=None) as r:
+    with Replica(addr, [], tmp_path, password=None) as r:
         wait_for(lambda: r.status()["role"] == "leader", 5, "leadership")
         r.read_barrier(5)
         assert value(r, b"k09") == b"v" and value(r, b"late4") is None
         assert snap(r) != before
 
 
-def _crash_between_snapshot_and_trim(tmp_path: Path) -> bytes:
+def _crash_between_snapshot_and_trim(tmp_path: Path) -> tuple[str, bytes]:
     """Leave a snapshot and a journal as a kill -9 after the snapshot's rename would."""
     addr = f"127.0.0.1:{free_port()}"
     with Replica(addr, [], tmp_path, password=None) as r:
@@ -610,7 +612,7 @@ def _crash_between_snapshot_and_trim(tmp_path: Path) -> bytes:
             wait_for(lambda: r.status()["log_entries"] > 10, 5, "...with the journal untrimmed")
             for i in range(5):
                 r.propose(put(b"late%d" % i, b"v"), 5)
-            return snap(r)
+            return addr, snap(r)
 
 
 def test_fsync_mode_flushes_each_journal_change_and_restarts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
