@@ -216,6 +216,9 @@ def version() -> None:
     except PackageNotFoundError:  # pragma: no cover - dependency always installed
         engine = "not installed"
     click.echo(f"raftcoord {__version__} (pysyncobj {engine})")
+    from raftcoord.formats import describe_known  # issue 10: what a rolling upgrade must check
+
+    click.echo(f"formats: {describe_known()}")
 
 
 @main.command()
@@ -271,9 +274,12 @@ def demo(count: int) -> None:
 @click.option("--name", required=True, help="This node's name in the cluster file.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--join", is_flag=True,
+              help="Join a running cluster that added this node (`raftcoord member add`): take the voters "
+                   "from its member registry, not from the file.")
 @click.pass_context
-def node(ctx: click.Context, node_config: str | None, name: str, log_level: str) -> None:
-    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+def node(ctx: click.Context, node_config: str | None, name: str, log_level: str, join: bool) -> None:
+    """Run one node in the foreground until SIGTERM, Ctrl-C or its removal from the cluster."""
     import logging
 
     from raftcoord.server import run_node
@@ -282,7 +288,7 @@ def node(ctx: click.Context, node_config: str | None, name: str, log_level: str)
     if not path:
         raise InvalidInputError("node needs --config FILE", field="config")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_node(path, name)
+    run_node(path, name, join=join)
 
 
 @main.command()
@@ -337,7 +343,7 @@ def chaos(nodes: int, duration: float, faults: str, seed: int | None, out: str |
 @main.command()
 @click.option("--quick", is_flag=True, help="Short rows, 2 failovers, 100,000 keys (memory extrapolated); < 2 min.")
 @click.option("--systems", default="all", show_default=True,
-              help="Comma-separated: raftcoord, embedded, etcd, pysyncobj, pysyncobj-batch.")
+              help="Comma-separated: raftcoord, embedded, etcd, pysyncobj, pysyncobj-batch, raftcoord+7nv.")
 @click.option("--workloads", default="all", show_default=True,
               help="Comma-separated: puts, get-linearizable, get-serializable, cas, messages, failover, restart, "
                    "memory.")
@@ -719,3 +725,12 @@ def _letters(message: Any) -> Any:
     if not isinstance(message, dict):
         return message
     return {k: chr(v) if k in ("type", "event") and _is_letter(v) else v for k, v in message.items()}
+
+
+from raftcoord.cli_member import member as _member_group  # noqa: E402 - its commands use the helpers above
+
+main.add_command(_member_group)
+
+from raftcoord.cli_snapshot import snapshot as _snapshot_group  # noqa: E402 - issue 10 backup (H2)
+
+main.add_command(_snapshot_group)

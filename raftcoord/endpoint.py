@@ -22,6 +22,7 @@ Routes (etcd's gateway routes take POST with a JSON body)::
     POST /v3/watch               WatchRequest...    -> a stream of {"result": WatchResponse} lines
     GET  /version                {"etcdserver", "etcdcluster", "raftcoord"}
     GET  /health                 200 {"health": "true"} | 503 {"health": "false", "reason"}
+    GET  /livez, /readyz, /metrics  probes and Prometheus metrics (:mod:`raftcoord.metrics`)
     GET  /raftcoord/v1/status    this node's status, "node", "client_url", "voter"
     GET  /raftcoord/v1/nodes     {"nodes": [node state + "raft_role", "heard_ago"...], "revision",
                                   "node", "role", "leader_client_url"}
@@ -51,7 +52,8 @@ under ``/v3/`` and ``/version`` (where ``"raftcoord_code"`` carries
 raftcoord's code), and raftcoord's error code (a string) elsewhere. A write
 whose outcome is unknown (it may have applied) is 504 with code
 ``unknown_outcome``. With a token configured, every route but ``/health``
-needs ``Authorization: Bearer <token>``.
+and the probes (``/livez``, ``/readyz``, ``/metrics``) needs
+``Authorization: Bearer <token>``.
 
 Limits (settings of the cluster file, see ``cluster.example.toml``): request
 bodies beyond ``max_request_bytes`` get 413 before they are read in full;
@@ -96,6 +98,7 @@ from raftcoord.config import (
     NodeConfig,
     stable_id,
 )
+from raftcoord.commands import Member
 from raftcoord.coordinator import Coordinator
 from raftcoord.errors import (
     AuthError,
@@ -116,6 +119,8 @@ from raftcoord.httpserve import (
     serve,
 )
 from raftcoord.keys import MAX_CLOCK, MESSAGE_PREFIX, MessageKey, prefix_end
+from raftcoord.member_http import add_member_routes
+from raftcoord.metrics import PROBE_PATHS, Metrics
 from raftcoord.store import KeyValue, Store
 from raftcoord.values import Message
 from raftcoord.watch_http import PROGRESS_INTERVAL, STREAMS, Streams
@@ -209,7 +214,9 @@ def make_app(
     if body_timeout is None:
         body_timeout = config.client_body_timeout if config is not None else BODY_TIMEOUT
     endpoint = _Endpoint(coordinator, config, node_name, body_timeout, watch_progress_interval)
-    app = web.Application(client_max_size=endpoint.max_request_bytes, middlewares=[endpoint.middleware])
+    metrics = Metrics(endpoint)  # its middleware first: it times the answer the client gets, errors included
+    app = web.Application(client_max_size=endpoint.max_request_bytes,
+                          middlewares=[metrics.middleware, endpoint.middleware])
     for path, handler in (
         ("/v3/kv/range", endpoint.kv_range),
         ("/v3/kv/put", endpoint.kv_put),
@@ -227,6 +234,12 @@ def make_app(
     app.router.add_post("/raftcoord/v1/messages", endpoint.post_message)
     app.router.add_post("/raftcoord/v1/session", endpoint.session)
     app.router.add_get("/raftcoord/v1/digest", endpoint.digest)
+    add_member_routes(app, endpoint)
+    app.router.add_get("/metrics", metrics.scrape)
+    app.router.add_get("/livez", metrics.livez)
+    app.router.add_get("/readyz", metrics.readyz)
+    from raftcoord.backup_http import SNAPSHOT_PATH, SnapshotRoute  # noqa: PLC0415 - issue 10 backup (H2)
+    app.router.add_get(SNAPSHOT_PATH, SnapshotRoute(endpoint).get)
     app.router.add_post("/v3/watch", endpoint.streams.watch)
     app.router.add_route("*", "/v3/{tail:.*}", endpoint.unimplemented)
     app.on_shutdown.append(endpoint.streams.shutdown)
@@ -329,13 +342,13 @@ class _Endpoint:
         except Exception:
             log.exception("bug: unhandled exception answering %s %s", request.method, request.path)
             return self.error(request, 500, "internal error (a bug in raftcoord; see the node's log)", "internal", None)
-        if response.status >= 400 and request.path != "/health":
+        if response.status >= 400 and request.path not in PROBE_PATHS:
             self.refusals.refused(request, response.status, reason)
         return response
 
     def authenticate(self, request: web.Request) -> None:
         """Raise AuthError unless the request carries the configured bearer token."""
-        if self.token is None or request.path == "/health":
+        if self.token is None or request.path in PROBE_PATHS:
             return
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -600,15 +613,20 @@ class _Endpoint:
     async def member_list(self, request: web.Request) -> web.Response:
         """POST /v3/cluster/member/list."""
         etcd_json.check_request(await self.body(request), "MemberListRequest")
-        if self.config is not None:
-            members = [_member_json(node) for node in self.config.nodes]
-        else:
-            members = [{"ID": etcd_json.uint_str(self.member_id), "name": self.node_name}]
+        membership = getattr(self.coord, "membership", None)
 
-        def work() -> dict[str, Any]:
-            return self.header(self.coord.revision(consistency="serializable"))
+        def work() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            if membership is not None:
+                # The replicated registry (issue 10), not this node's file.
+                members = [_member_json(m) for m in membership.members(consistency="serializable")]
+            elif self.config is not None:
+                members = [_member_json(node) for node in self.config.nodes]
+            else:
+                members = [{"ID": etcd_json.uint_str(self.member_id), "name": self.node_name}]
+            return self.header(self.coord.revision(consistency="serializable")), members
 
-        return web.json_response({"header": await self.run(work), "members": members})
+        header, members = await self.run(work)
+        return web.json_response({"header": header, "members": members})
 
     async def version(self, request: web.Request) -> web.Response:
         """GET /version."""
@@ -648,8 +666,12 @@ class _Endpoint:
         out.update(
             node=self.node_name,
             client_url=self.node.client_url if self.node is not None else None,
-            voter=self.node.voter if self.node is not None else True,
+            # What the replica runs as: a promoted node's file may still say otherwise.
+            voter=out.get("role") != "learner" if "role" in out else True,
         )
+        from raftcoord.formats import known_formats  # issue 10: what a rolling upgrade checks, node by node
+
+        out["formats"] = known_formats()
         return web.json_response(out)
 
     async def nodes(self, request: web.Request) -> web.Response:
@@ -667,8 +689,10 @@ class _Endpoint:
             states, revision = self.coord.read(lambda s: (s.node_states(), s.revision), consistency=consistency)
             status = self.coord.status()
             leader = status.get("leader")
-            leader_url = next((n.client_url for n in (self.config.nodes if self.config is not None else ())
-                               if leader and n.raft == leader), None)
+            membership = getattr(self.coord, "membership", None)
+            known = (membership.members(consistency="serializable") if membership is not None
+                     else self.config.nodes if self.config is not None else ())
+            leader_url = next((f"http://{n.client}" for n in known if leader and n.raft == leader), None)
             return {
                 "nodes": [{**to_json(s.to_map()), "raft_role": s.role, "heard_ago": s.heard_ago}
                           for s in annotate_states(states, status)],
@@ -829,12 +853,12 @@ def _request_id(request: web.Request) -> list[Any] | None:
     return [client, seq, low]
 
 
-def _member_json(node: NodeConfig) -> dict[str, Any]:
+def _member_json(node: NodeConfig | Member) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "ID": etcd_json.uint_str(node.member_id),
+        "ID": etcd_json.uint_str(stable_id(node.name)),
         "name": node.name,
         "peerURLs": [f"tcp://{node.raft}"],
-        "clientURLs": [node.client_url],
+        "clientURLs": [f"http://{node.client}"],
     }
     if not node.voter:
         out["isLearner"] = True

@@ -53,6 +53,8 @@ LINGER_SECONDS: Final = 2.0
 REFUSAL_LOG_BURST: Final = 20
 #: Items one :class:`Batcher` call takes at most (the rest go in the next call).
 MAX_BATCH: Final = 256
+#: Longest wait, when the server stops, for requests already taken to finish arriving.
+DRAIN_SECONDS: Final = 1.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -78,7 +80,7 @@ async def serve(
     traceback. Returns the runner; ``await runner.cleanup()`` stops serving.
     Raises OSError when the address cannot be listened on.
     """
-    runner = web.AppRunner(
+    runner = _DrainingRunner(
         app,
         access_log=None,
         keepalive_timeout=header_timeout,
@@ -107,6 +109,50 @@ def _max_connections(wanted: int | None) -> int:
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return wanted
     return max(1, min(wanted, soft // 4))
+
+
+class _DrainingRunner(web.AppRunner):
+    """An AppRunner whose cleanup lets the requests it already took finish arriving (issue 10).
+
+    aiohttp's cleanup stops reading every connection at once (``pre_shutdown``),
+    so a request whose head came in just before and was answered ``100
+    Continue`` (the client's two-step send) never gets its body: its handler
+    waits, the node does not exit, and the client waits for it until it gives
+    up on this node (4 s), although the other nodes could take the write: each
+    leader's stop in a rolling restart stalled writes that long. So: stop
+    listening, wait (at most :data:`DRAIN_SECONDS`) until no connection is
+    still receiving a request, then clean up as aiohttp does.
+    """
+
+    async def cleanup(self) -> None:
+        for site in list(self.sites):
+            await site.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        # Two quiet checks in a row: a request just taken off a connection's
+        # queue is in nobody's hands until its task runs.
+        quiet = 0
+        while quiet < 2 and loop.time() < deadline:
+            server = self.server
+            busy = server is not None and any(_receiving(conn) for conn in server.connections)
+            quiet = 0 if busy else quiet + 1
+            await asyncio.sleep(0.01)
+        await super().cleanup()
+
+
+def _receiving(conn: Any) -> bool:
+    """True while a connection is still receiving a request: its head, or its body.
+
+    Reads aiohttp's private state (3.14); an aiohttp without it gets False,
+    and so aiohttp's own cleanup, as before.
+    """
+    try:
+        if conn._request_count == 0 or conn._messages:  # no head yet, or heads not yet handled
+            return True
+        request = conn._current_request
+        return request is not None and not request.content.is_eof()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 class _LimitedSite(web.TCPSite):

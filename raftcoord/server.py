@@ -20,6 +20,8 @@ with a clear message, which the CLI prints as one line.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import os
 import signal
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a clean stop may spend recording ``leaving`` and ``down``.
 GOODBYE_TIMEOUT = 5.0
+#: Seconds between two looks at whether the cluster removed this node.
+REMOVAL_CHECK_PERIOD = 1.0
+#: Seconds without a leader after which a node asks the other members whether it was removed.
+LEADERLESS_ASK_AFTER = 5.0
 
 
 def open_coordinator(path: str, *, node: str, **kwargs: Any) -> Coordinator:
@@ -68,29 +74,50 @@ class NodeServer:
     would open from the config; the server closes it when it stops.
     """
 
-    def __init__(self, config: ClusterConfig, node: str, *, coordinator: Coordinator | None = None) -> None:
+    def __init__(self, config: ClusterConfig, node: str, *, coordinator: Coordinator | None = None,
+                 join: bool = False) -> None:
         self.config = config
         self.node = config.node(node)
+        self.join = join
+        self._removal_task: asyncio.Task[None] | None = None
+        #: True once this node saw itself in its replica's member registry.
+        self._seen_self = False
+        self._leaderless_since: float | None = None
+        #: True once this node learned that the cluster removed it (it then stops).
+        self.removed = False
+        self._promotion: asyncio.Task[None] | None = None
         self.coordinator: Coordinator | None = None
         self._given = coordinator
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.housekeeper: Housekeeper | None = None
 
-    async def start(self) -> None:
+    async def start(self, open_kwargs: dict[str, Any] | None = None) -> None:
         """Start the replica and the endpoint; returns once both listen.
 
         Raises :class:`ConfigError` for a data directory that cannot be used
         and :class:`UnavailableError` for an address that cannot be listened
         on, each naming the setting; whatever was started is stopped again.
+        ``open_kwargs`` (``voters``, ``voter``) replace what the node would
+        otherwise ask the cluster or read from its file.
         """
         loop = asyncio.get_running_loop()
         if self._given is not None:
             self.coordinator, self._given = self._given, None
         else:
             _check_data_dir(self.config, self.node.name)
+            kwargs: dict[str, Any] = dict(open_kwargs or {})
+            fresh = not any(Path(self.node.data_dir).glob("raft.*"))
+            if open_kwargs is not None:
+                pass
+            elif self.join and not fresh:
+                log.info("node %s: --join, but the data directory holds this node's data: starting from it",
+                         self.node.name)
+            elif self.join or fresh:
+                kwargs = await self._ask_cluster(required=self.join)
             try:
-                self.coordinator = await loop.run_in_executor(None, _open, self.config, self.node.name)
+                self.coordinator = await loop.run_in_executor(
+                    None, functools.partial(_open, self.config, self.node.name, **kwargs))
             except OSError as exc:
                 raise UnavailableError(
                     f"node {self.node.name}: cannot start the replica on raft address {self.node.raft}: "
@@ -123,7 +150,116 @@ class NodeServer:
             housekeeper = Housekeeper(self.coordinator, self.config, self.node.name)
         self.housekeeper = housekeeper
         housekeeper.start()  # a no-op when the coordinator already started it
+        if getattr(self.coordinator, "membership", None) is not None:
+            self._removal_task = asyncio.create_task(self._watch_membership())
         log.info("node %s: raft %s, client endpoint http://%s", self.node.name, self.node.raft, self.node.client)
+
+    async def _become_voter(self, voters: list[str]) -> None:
+        """Reopen this non-voter's replica as a voter, after ``member promote`` (same data, same process)."""
+        log.warning("node %s was promoted to voter: restarting its replica as a voter (voters %s)",
+                    self.node.name, ", ".join(voters))
+        await self._close_parts(goodbye=0.0)
+        await self.start({"voters": voters, "voter": True})
+
+    async def _ask_cluster(self, *, required: bool) -> dict[str, Any]:
+        """The voters and this node's vote, as the cluster's member registry has them.
+
+        ``--join`` (``required``) needs an answer naming this node: a node
+        that is not a member could only disrupt the cluster. A fresh node
+        of a new cluster finds nobody, or a registry not yet seeded, and
+        starts from its cluster file.
+        """
+        answer = await _fetch_members(self.config, self.node.name, timeout=10.0 if required else 2.0)
+        if answer is None:
+            if required:
+                raise UnavailableError(f"node {self.node.name}: --join: no other node of the cluster file answered; "
+                                       "start it once the cluster runs", field="join")
+            return {}
+        members = {m.get("name"): m for m in answer.get("members") or () if isinstance(m, dict)}
+        me = members.get(self.node.name)
+        raft_voters = [str(a) for a in answer.get("raft_voters") or ()]
+        if me is None and self.node.raft in raft_voters:
+            # Added as a voter to a one-node cluster: the change waits for this
+            # node to commit it (pysyncobj issue 51), so only the leader's Raft
+            # configuration has it yet.
+            voters = [a for a in raft_voters if a != self.node.raft]
+            log.info("node %s: joining as a voter being added; voters %s", self.node.name, ", ".join(voters))
+            return {"voters": voters, "voter": True}
+        if me is None:
+            if required:
+                raise ConfigError(f"node {self.node.name} is not a member of the cluster: add it first with "
+                                  f"`raftcoord member add {self.node.name} --raft {self.node.raft} "
+                                  f"--client {self.node.client}`", field="join")
+            return {}
+        if me.get("raft") != self.node.raft:
+            raise ConfigError(f"node {self.node.name} is a member with raft address {me.get('raft')}, "
+                              f"but the cluster file says {self.node.raft}", field="raft")
+        voters = [str(m["raft"]) for m in members.values() if m.get("voter") and m.get("name") != self.node.name]
+        log.info("node %s: joining as a %s; voters %s", self.node.name,
+                 "voter" if me.get("voter") else "non-voter", ", ".join(voters))
+        return {"voters": voters, "voter": bool(me.get("voter"))}
+
+    async def _watch_membership(self) -> None:
+        """Follow this node's entry in the member registry (issue 10).
+
+        A promoted non-voter reopens its replica as a voter. A removed node
+        stops, and says so in its log.
+
+        A non-voter, and a voter that heard the change commit, see their
+        name leave their own registry. A removed voter usually does not: the
+        leader drops it from the configuration as it appends the change, so
+        it hears nothing more and no peer takes its connection. A voter
+        without a leader, or connected to no peer, for a while therefore asks
+        the other members.
+        """
+        loop = asyncio.get_running_loop()
+        coord = self.coordinator
+        while not self._stopping.is_set():
+            try:
+                await asyncio.sleep(REMOVAL_CHECK_PERIOD)
+                if coord is None or getattr(coord, "membership", None) is None:
+                    return
+                members = await loop.run_in_executor(
+                    None, lambda: coord.read(lambda st: st.members, consistency="serializable"))
+                names = [m.name for m in members]
+                me = next((m for m in members if m.name == self.node.name), None)
+                if me is not None and me.voter and getattr(coord.backend, "self_address", "") is None:
+                    voters = [m.raft for m in members if m.voter and m.name != self.node.name]
+                    # A task of its own: reopening cancels this watcher.
+                    self._promotion = asyncio.get_running_loop().create_task(self._become_voter(voters))
+                    return
+                if self.node.name in names:
+                    self._seen_self = True
+                elif self._seen_self and names:
+                    self._removed("its replica applied the change")
+                    return
+                status = coord.status()
+                now = loop.time()
+                partners = status.get("partners") or {}
+                # pysyncobj keeps the last leader it knew while it is connected
+                # to nobody (it starts no election then): cut off counts too.
+                if status.get("leader") and (not partners or any(partners.values())):
+                    self._leaderless_since = None
+                    continue
+                if self._leaderless_since is None:
+                    self._leaderless_since = now
+                if self._seen_self and now - self._leaderless_since >= LEADERLESS_ASK_AFTER:
+                    self._leaderless_since = now
+                    answer = await _fetch_members(self.config, self.node.name, timeout=3.0, with_leader=True)
+                    if answer is not None and answer.get("members") and not any(
+                            isinstance(m, dict) and m.get("name") == self.node.name for m in answer["members"]):
+                        self._removed(f"{answer.get('answered_by')} no longer lists it")
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this check must never stop a node by itself failing
+                log.debug("removal check failed: %s", exc)
+
+    def _removed(self, how: str) -> None:
+        log.warning("node %s was removed from the cluster (%s): stopping; its data directory %s is no longer "
+                    "used by the cluster", self.node.name, how, self.node.data_dir)
+        self.removed = True
+        self.request_stop()
 
     async def run(self) -> None:
         """Serve until :meth:`request_stop`, then stop cleanly."""
@@ -139,18 +275,64 @@ class NodeServer:
 
     async def stop(self) -> None:
         """Say goodbye (``leaving``, then ``down``), close the endpoint, then the replica."""
+        # A removed voter has nobody left to say goodbye to: do not wait long for it.
+        await self._close_parts(goodbye=1.0 if self.removed else GOODBYE_TIMEOUT)
+        log.info("node %s stopped", self.node.name)
+
+    async def _close_parts(self, *, goodbye: float) -> None:
         loop = asyncio.get_running_loop()
         coord = self.coordinator
         housekeeper, self.housekeeper = self.housekeeper, None
+        task, self._removal_task = self._removal_task, None
+        if task is not None:
+            task.cancel()
         if housekeeper is not None:
-            await loop.run_in_executor(None, housekeeper.stop, GOODBYE_TIMEOUT)
+            await loop.run_in_executor(None, housekeeper.stop, goodbye)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if coord is not None:
             await loop.run_in_executor(None, coord.close)
             self.coordinator = None
-        log.info("node %s stopped", self.node.name)
+
+
+async def _fetch_members(config: ClusterConfig, me: str, *, timeout: float,
+                         with_leader: bool = False) -> dict[str, Any] | None:
+    """The member registry as another node of ``config`` answers it, or None if none did.
+
+    Asks each other node of the cluster file in turn, for its own replica's
+    view; with ``with_leader`` a node that answers without knowing a leader
+    is passed over. The answer gains
+    ``answered_by``, the name of the node that gave it.
+    """
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+    per_node = aiohttp.ClientTimeout(total=max(0.5, timeout / max(1, len(config.nodes) - 1)))
+    try:
+        async with aiohttp.ClientSession(timeout=per_node, headers=headers) as session:
+            for node in config.nodes:
+                if node.name == me:
+                    continue
+                try:
+                    # Serializable: a one-node cluster that added a second voter
+                    # has no quorum until that voter joins.
+                    async with session.get(f"{node.client_url}/raftcoord/v1/members",
+                                           params={"consistency": "serializable"}) as resp:
+                        if resp.status != 200:
+                            continue
+                        answer = json.loads(await resp.read())
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    continue
+                if not isinstance(answer, dict) or not isinstance(answer.get("members"), list):
+                    continue
+                if with_leader and not answer.get("leader"):
+                    continue
+                answer["answered_by"] = node.name
+                return answer
+    except Exception as exc:  # noqa: BLE001 - asking is best effort
+        log.debug("asking the cluster for its members failed: %s", exc)
+    return None
 
 
 def _reason(exc: OSError) -> str:
@@ -185,13 +367,18 @@ def _check_data_dir(config: ClusterConfig, name: str) -> None:
         raise fail(f"is not writable: {exc.strerror or exc}") from None
 
 
-def run_node(path: str, name: str) -> None:
-    """Run node ``name`` of the cluster file ``path`` until SIGTERM or SIGINT."""
+def run_node(path: str, name: str, *, join: bool = False) -> None:
+    """Run node ``name`` of the cluster file ``path`` until SIGTERM or SIGINT (or its removal).
+
+    ``join``: the node was added to a running cluster (``raftcoord member
+    add``) and starts with an empty data directory: it asks the cluster for
+    the voters and its own vote instead of trusting the file.
+    """
     config = load_config(path)
     config.node(name)  # an unknown name fails before anything starts
 
     async def main() -> None:
-        server = NodeServer(config, name)
+        server = NodeServer(config, name, join=join)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
