@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from raftcoord.bench.report import format_table, targets
-from raftcoord.bench.runner import RUNS, SYSTEMS
+from raftcoord.bench.runner import NONVOTER_CLIENTS, NONVOTERS, RUNS, SYSTEMS
 from raftcoord.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +38,15 @@ def _check_every_system_measured(report: dict[str, Any], workloads: set[str], st
     for system in found:
         for workload in workloads & RUNS[system] & {"puts", "get-linearizable", "get-serializable", "cas", "messages"}:
             rows = [r for r in report["rows"] if r["system"] == system and r["workload"] == workload]
-            assert sorted(r["clients"] for r in rows) == [1, 16, 64], (system, workload)
+            expected = list(NONVOTER_CLIENTS) if system == NONVOTERS else [1, 16, 64]
+            assert sorted(r["clients"] for r in rows) == expected, (system, workload)
             for r in rows:
                 assert "failed" not in r, r
                 assert r["ops"] > 0 and r["p99_ms"] is not None, r
                 if workload == "messages":
                     assert r["delivered"] > 0 and r["delivery_ms"]["p99"] is not None, r
+                if system == NONVOTERS:
+                    assert r["baseline"]["ops"] > 0 and r["vs_3_voters"]["p50"] is not None, r
 
 
 @pytest.mark.cluster
@@ -60,6 +63,10 @@ def test_bench_quick_gives_figures_for_every_system_and_workload(tmp_path: Path)
     assert [r["keys"] for r in report["keys"]["restart"]] == [100_000]
     assert report["keys"]["memory"]["estimate_1m_bytes"] > 0
     assert "EXTRAPOLATED" in stdout
+    assert NONVOTERS not in report["skipped"]
+    for clients in NONVOTER_CLIENTS:  # the issue 10 row: 3 voters + 7 non-voters against 3 voters alone
+        assert f"non-voters: puts at {clients} clients, p50/p99 ms: 3 voters + 7 non-voters" in stdout
+    assert "3v+7nv/3v p50" in stdout
 
 
 def test_bench_refuses_an_unknown_system_in_one_line() -> None:
@@ -86,3 +93,28 @@ def test_report_of_a_run_without_etcd_says_so_and_names_no_ratio() -> None:
     assert "20/s 1.00/2.00" in text
     etcd_targets = [t for t in report["targets"] if "etcd" in t["name"]]
     assert etcd_targets and all(t["met"] is None for t in etcd_targets)
+
+
+def test_issue10_report_shows_the_non_voter_row_and_its_ratio() -> None:
+    """A run with the 3-voter + 7-non-voter system prints its cells, the ratios to 3 voters alone on the puts rows,
+    and one line per client count naming both latencies."""
+    def row(p50: float, p99: float) -> dict[str, Any]:
+        return {"ops": 100, "per_second": 200.0, "p50_ms": p50, "p99_ms": p99, "errors": 0}
+
+    nv_rows = [{"system": NONVOTERS, "workload": "puts", "clients": c, **row(2.2, 4.4), "baseline": row(2.0, 4.0),
+                "vs_3_voters": {"p50": 1.1, "p99": 1.1, "per_second": 1.0}} for c in NONVOTER_CLIENTS]
+    report: dict[str, Any] = {
+        "options": {"quick": True, "seconds": 0.5, "warmup": 0.2, "clients": [1, 16, 64]},
+        "systems": {"raftcoord": {"version": "0.1.0"}, NONVOTERS: {"version": "0.1.0"}},
+        "skipped": {}, "failover": {}, "keys": None,
+        "rows": [{"system": "raftcoord", "workload": "puts", "clients": c, **row(2.0, 4.0)} for c in (1, 16, 64)]
+        + nv_rows,
+    }
+    report["targets"] = targets(report)
+    text = format_table(report)
+    assert "raftcoord 3v+7nv" in text and "3v+7nv/3v p50 1.1x p99 1.1x" in text
+    assert ("non-voters: puts at 16 clients, p50/p99 ms: 3 voters + 7 non-voters 2.20/4.40 (200/s), "
+            "3 voters alone 2.00/4.00 (200/s): ratio p50 1.1x, p99 1.1x, throughput 1.0x") in text
+    failed = {**report, "rows": report["rows"][:3] + [{"system": NONVOTERS, "workload": "puts", "clients": 1,
+                                                       "failed": "RuntimeError: boom"}]}
+    assert "non-voters: puts at 1 clients: no figures (RuntimeError: boom)" in format_table(failed)

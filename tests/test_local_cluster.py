@@ -1,11 +1,15 @@
-"""scripts/local-cluster: start, status, kill, restart, stop on 127.0.0.1."""
+"""scripts/local-cluster: start (with non-voters), status, kill, restart, stop on 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +39,58 @@ def test_local_cluster_lifecycle(tmp_path: Path) -> None:
     finally:
         stopped = run("stop", "--dir", d)
     assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 3
+
+
+def _script() -> Any:
+    """The script as a module (it has no .py suffix), for its pure helpers."""
+    loader = importlib.machinery.SourceFileLoader("local_cluster_script", str(SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_issue10_default_voters_and_the_cluster_file(tmp_path: Path) -> None:
+    """Every node votes up to 7 nodes, 3 beyond; ``--voters K`` makes the first K vote and marks the rest
+    ``voter = false``; ``remove_block`` drops exactly one [[node]] table."""
+    lc = _script()
+    assert [lc.default_voters(n) for n in (1, 3, 7, 8, 10, 20)] == [1, 3, 7, 3, 3, 3]
+    lc.write_config(tmp_path, 5, 2)
+    with open(tmp_path / "cluster.toml", "rb") as f:
+        nodes = tomllib.load(f)["node"]
+    assert [(n["name"], n.get("voter", True)) for n in nodes] == [
+        ("n1", True), ("n2", True), ("n3", False), ("n4", False), ("n5", False)]
+    assert lc.non_voters(tmp_path) == ["n3", "n4", "n5"]
+    text = (tmp_path / "cluster.toml").read_text()
+    left = tomllib.loads(lc.remove_block(text, "n3"))
+    assert [n["name"] for n in left["node"]] == ["n1", "n2", "n4", "n5"] and left["cluster"]["name"] == "local"
+    assert lc.next_name(tmp_path) == "n6"
+
+
+def test_issue10_start_refuses_more_voters_than_nodes(tmp_path: Path) -> None:
+    """``start 3 --voters 4`` is a usage error before anything is written."""
+    out = run("start", "3", "--voters", "4", "--dir", str(tmp_path / "lc"))
+    assert out.returncode == 2 and "--voters" in out.stderr
+    assert not (tmp_path / "lc" / "cluster.toml").exists()
+
+
+def test_issue10_start_10_is_3_voters_and_7_non_voters(tmp_path: Path) -> None:
+    """``start 10`` (no --voters) starts 3 voters and 7 non-voters, names the non-voters, and status shows
+    each node's role: a leader and followers among n1-n3, learners n4-n10."""
+    d = str(tmp_path / "lc")
+    try:
+        out = run("start", "10", "--dir", d)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "non-voters (voter = false): n4, n5, n6, n7, n8, n9, n10" in out.stdout
+        cli = [sys.executable, "-m", "raftcoord", "--config", f"{d}/cluster.toml"]
+        rows = json.loads(subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, check=True).stdout)
+        roles = {r["name"]: r["role"] for r in rows}
+        assert sorted(roles[n] for n in ("n1", "n2", "n3")) == ["follower", "follower", "leader"], roles
+        assert {roles[f"n{i}"] for i in range(4, 11)} == {"learner"}, roles
+        status = run("status", "--dir", d)
+        assert status.returncode == 0 and "learner" in status.stdout
+        assert "voters: n1, n2, n3; non-voters" in status.stdout
+    finally:
+        stopped = run("stop", "--dir", d)
+    assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 10

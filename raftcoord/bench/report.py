@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LABELS", "format_markdown", "format_table", "plot", "targets", "write_json"]
+__all__ = ["LABELS", "NONVOTERS", "format_markdown", "format_table", "nonvoter_lines", "plot", "targets",
+           "write_json"]
 
 #: How each system is named in the table and the plot.
 LABELS = {"raftcoord": "raftcoord HTTP", "embedded": "raftcoord embedded", "etcd": "etcd",
-          "pysyncobj": "ReplDict", "pysyncobj-batch": "ReplDict batch"}
+          "pysyncobj": "ReplDict", "pysyncobj-batch": "ReplDict batch", "raftcoord+7nv": "raftcoord 3v+7nv"}
+#: The system with 3 voters and 7 non-voters (issue 10); its rows carry their paired 3-voter figures.
+NONVOTERS = "raftcoord+7nv"
 
 
 def _row(report: dict[str, Any], system: str, workload: str, clients: int) -> dict[str, Any] | None:
@@ -55,7 +58,25 @@ def _ratios(report: dict[str, Any], workload: str, clients: int) -> str:
             parts.append(f"p50 {_ratio(http.get('p50_ms'), etcd.get('p50_ms'))}x")
     if emb and plain:
         parts.append(f"emb/ReplDict {_ratio(emb.get('per_second'), plain.get('per_second'))}x")
+    nv = _row(report, NONVOTERS, workload, clients)
+    if nv and nv.get("vs_3_voters"):
+        parts.append(f"3v+7nv/3v p50 {nv['vs_3_voters']['p50']}x p99 {nv['vs_3_voters']['p99']}x")
     return ", ".join(parts) or "-"
+
+
+def nonvoter_lines(report: dict[str, Any]) -> list[str]:
+    """One line per client count: put latency with 3 voters + 7 non-voters against 3 voters alone, and the ratio."""
+    lines = []
+    for r in sorted((r for r in report["rows"] if r["system"] == NONVOTERS), key=lambda r: r["clients"]):
+        if "vs_3_voters" not in r:
+            lines.append(f"non-voters: puts at {r['clients']} clients: no figures ({r.get('failed', 'no ratio')})")
+            continue
+        b, v = r["baseline"], r["vs_3_voters"]
+        lines.append(f"non-voters: puts at {r['clients']} clients, p50/p99 ms: 3 voters + 7 non-voters "
+                     f"{_ms(r['p50_ms'])}/{_ms(r['p99_ms'])} ({r['per_second']:,.0f}/s), 3 voters alone "
+                     f"{_ms(b['p50_ms'])}/{_ms(b['p99_ms'])} ({b['per_second']:,.0f}/s): "
+                     f"ratio p50 {v['p50']}x, p99 {v['p99']}x, throughput {v['per_second']}x")
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -67,7 +88,10 @@ def format_table(report: dict[str, Any]) -> str:
              f"ReplDict with a secret; " + ", ".join(f"{LABELS[s]} {report['systems'][s]['version']}"
                                                       for s in systems if report["systems"][s].get("version")),
              "cells: ops/s p50/p99 ms (messages: + d delivery p50/p99 ms to the last member); "
-             "ratios: raftcoord HTTP / etcd (throughput, p50), embedded / ReplDict without batching"]
+             "ratios: raftcoord HTTP / etcd (throughput, p50), embedded / ReplDict without batching"
+             + ("; raftcoord 3v+7nv: 3 voters and 7 non-voters, puts at 1 and 16 clients in a phase of their own, "
+                "each row paired with the same puts on 3 voters alone (3v+7nv/3v)" if NONVOTERS in report["systems"]
+                else "")]
     for s, why in report.get("skipped", {}).items():
         lines.append(f"{s}: skipped ({why})")
     table = []
@@ -81,6 +105,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [head + "ratios", "-" * (len(head) + 40)]
     for workload, clients, cells, ratios in table:
         lines.append(f"{workload:<17}{clients:>7}  " + "".join(f"{c:<{w}}" for c, w in zip(cells, widths)) + ratios)
+    lines += nonvoter_lines(report)
     fo = report.get("failover", {})
     if fo:
         lines.append("failover (SIGKILL of the leader until a write through a survivor succeeds): " + "; ".join(
@@ -118,7 +143,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {workload} | {clients} | " + " | ".join(cells)
                              + f" | {_ratios(report, workload, clients)} |")
     text = format_table(report).splitlines()
-    tail = [line for line in text if line.startswith(("failover", "  failover", "restart", "memory", "target"))]
+    tail = [line for line in text
+            if line.startswith(("non-voters", "failover", "  failover", "restart", "memory", "target"))]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {line.strip()}" for line in tail) + "\n"
 
 

@@ -2,7 +2,9 @@
 
 Rows are interleaved (for each workload and client count, every system in
 turn), so that noise from other work on the machine falls on all systems
-alike. Every process is killed by its pid when the run ends, also on Ctrl-C
+alike. The 3-voter + 7-non-voter cluster is the exception: its ten processes
+live only for a phase of their own, where each of its rows is paired with the
+same puts on 3 voters alone. Every process is killed by its pid when the run ends, also on Ctrl-C
 or SIGTERM.
 """
 
@@ -38,18 +40,24 @@ from raftcoord.bench.systems import (
     start_etcd,
     start_raftcoord,
     start_workers,
+    wait_learners,
     worker_leader,
     write_cluster_file,
 )
 
-__all__ = ["SYSTEMS", "WORKLOADS", "BenchOptions", "run"]
+__all__ = ["NONVOTERS", "NONVOTER_CLIENTS", "RUNS", "SYSTEMS", "WORKLOADS", "BenchOptions", "run"]
 
-SYSTEMS = ("raftcoord", "embedded", "etcd", "pysyncobj", "pysyncobj-batch")
+#: raftcoord with 3 voters and 7 non-voters: put latency beside 3 voters alone (issue 10).
+NONVOTERS = "raftcoord+7nv"
+#: How many non-voters that system has, and the client counts of its rows (latency is its question).
+NON_VOTER_COUNT = 7
+NONVOTER_CLIENTS = (1, 16)
+SYSTEMS = ("raftcoord", "embedded", "etcd", "pysyncobj", "pysyncobj-batch", NONVOTERS)
 WORKLOADS = ("puts", "get-linearizable", "get-serializable", "cas", "messages", "failover", "restart", "memory")
 #: What each system runs (restart and memory: a raftcoord cluster of their own).
 RUNS = {"raftcoord": set(WORKLOADS), "embedded": {"puts", "get-linearizable", "get-serializable", "cas", "messages"},
         "etcd": {"puts", "get-linearizable", "get-serializable", "cas", "messages", "failover"},
-        "pysyncobj": {"puts"}, "pysyncobj-batch": {"puts"}}
+        "pysyncobj": {"puts"}, "pysyncobj-batch": {"puts"}, NONVOTERS: {"puts"}}
 
 
 @dataclass
@@ -94,6 +102,10 @@ def _short(r: dict[str, Any]) -> str:
     text = f"{r['per_second']:,.0f}/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms"
     if "delivery_ms" in r:
         text += f", delivery p99 {r['delivery_ms']['p99']} ms ({r['missing']} missing)"
+    if "vs_3_voters" in r:
+        b = r["baseline"]
+        text += (f"; 3 voters alone p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms: "
+                 f"ratio p50 {r['vs_3_voters']['p50']}x p99 {r['vs_3_voters']['p99']}x")
     return text + (f", {r['errors']} errors ({r['first_error']})" if r.get("errors") else "")
 
 
@@ -109,10 +121,13 @@ async def _bench(opts: BenchOptions, root: Path, procs: Processes, echo: Callabl
         report["skipped"]["etcd"] = "no `etcd` on the PATH; apt-get install etcd-server"
         echo("etcd: skipped (no `etcd` on the PATH; apt-get install etcd-server): no etcd figures, no ratios")
     rows = [(w, c, s) for w in ("puts", "get-linearizable", "get-serializable", "cas", "messages")
-            if w in opts.workloads for c in opts.clients for s in systems if w in RUNS[s]]
+            if w in opts.workloads for c in opts.clients for s in systems if w in RUNS[s] and s != NONVOTERS]
+    # Ten more processes would load the machine under every other row: they run in a phase of their own.
+    nonvoter_rows = list(NONVOTER_CLIENTS) if NONVOTERS in systems and "puts" in opts.workloads else []
     failover_systems = [s for s in systems if "failover" in RUNS[s]] if "failover" in opts.workloads else []
     keys_wanted = "raftcoord" in systems and bool({"restart", "memory"} & set(opts.workloads))
-    progress = _Progress(len(rows) + opts.failovers * len(failover_systems) + keys_wanted, echo)
+    progress = _Progress(len(rows) + len(nonvoter_rows) + opts.failovers * len(failover_systems) + keys_wanted,
+                         echo)
 
     clusters: dict[str, Cluster] = {}
     workers: dict[str, dict[str, Worker]] = {}
@@ -124,7 +139,7 @@ async def _bench(opts: BenchOptions, root: Path, procs: Processes, echo: Callabl
     streams = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
     try:
-        progress(f"starting {', '.join(systems)}")
+        progress(f"starting {', '.join(s for s in systems if s != NONVOTERS)}")
         if "raftcoord" in systems:
             clusters["raftcoord"] = start_raftcoord(root / "raftcoord", procs)
         if "etcd" in systems:
@@ -175,6 +190,8 @@ async def _bench(opts: BenchOptions, root: Path, procs: Processes, echo: Callabl
                 row = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
             report["rows"].append({"system": system, "workload": workload, "clients": clients, **row})
             progress(f"{_report.LABELS[system]}: {workload}, {clients} clients: {_short(row)}", step=True)
+        if nonvoter_rows:
+            await _nonvoter_phase(opts, root, procs, session, clusters.get("raftcoord"), report, progress)
         times: dict[str, list[float]] = {s: [] for s in failover_systems}
         for k in range(opts.failovers):
             for s in failover_systems:
@@ -214,6 +231,43 @@ async def _bench(opts: BenchOptions, root: Path, procs: Processes, echo: Callabl
                     procs.pids.remove(w.proc.pid)
     report["targets"] = _report.targets(report)
     return report
+
+
+async def _nonvoter_phase(opts: BenchOptions, root: Path, procs: Processes, session: aiohttp.ClientSession,
+                          alone: Cluster | None, report: dict[str, Any], progress: _Progress) -> None:
+    """Rows of :data:`NONVOTERS`: a 3-voter + 7-non-voter cluster started for them and killed after them, each row
+    paired with puts on the 3-voter raftcoord cluster (one of its own when that system is not in the run)."""
+    from raftcoord import __version__
+
+    report["systems"][NONVOTERS] = {"version": str(__version__)}
+    started: list[Cluster] = []
+    try:
+        progress(f"starting {NONVOTERS}: 3 voters and {NON_VOTER_COUNT} non-voters")
+        if alone is None:
+            alone = start_raftcoord(root / "raftcoord-3v", procs)
+            started.append(alone)
+        cluster = start_raftcoord(root / "nonvoters", procs, n=3 + NON_VOTER_COUNT, voters=3, system=NONVOTERS)
+        started.append(cluster)
+        await find_leader(session, alone, 90)
+        await wait_learners(session, cluster, NON_VOTER_COUNT, 90)
+        failed = None
+    except (RuntimeError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+    try:
+        for clients in NONVOTER_CLIENTS:
+            if failed is None:
+                try:
+                    row = await _w.nonvoter_row(session, alone, cluster, clients, opts.seconds, opts.warmup)
+                except (RuntimeError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    row = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            else:
+                row = {"failed": failed}
+            report["rows"].append({"system": NONVOTERS, "workload": "puts", "clients": clients, **row})
+            progress(f"{_report.LABELS[NONVOTERS]}: puts, {clients} clients: {_short(row)}", step=True)
+    finally:
+        for c in started:
+            for m in c.members.values():
+                m.kill()
 
 
 def run(opts: BenchOptions, echo: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ killed by its pid (SIGKILL) when the run ends, however it ends. Clusters get
 fresh ports and their own directories under the run's temporary directory.
 
 * :func:`start_raftcoord`: ``raftcoord node`` processes from a cluster file
-  with a secret, as users run them (the HTTP system).
+  with a secret, as users run them (the HTTP system; with ``voters``, the
+  nodes past the first ``voters`` run as non-voters).
 * :func:`start_etcd`: an etcd cluster, spoken to through its v3 JSON gateway.
 * :func:`start_workers`: processes of ``raftcoord.bench.worker`` that embed a
   Coordinator (``embedded``) or a plain pysyncobj ``ReplDict`` (``plain``),
@@ -35,8 +36,8 @@ from raftcoord.chaos.cluster import free_ports
 from raftcoord.keys import prefix_end
 
 __all__ = ["Cluster", "Member", "Processes", "Worker", "b64", "etcd_version", "find_leader", "free_ports",
-           "prefix_end", "rss_bytes", "start_etcd", "start_raftcoord", "start_workers", "worker_leader",
-           "write_cluster_file"]
+           "prefix_end", "rss_bytes", "start_etcd", "start_raftcoord", "start_workers", "wait_learners",
+           "worker_leader", "write_cluster_file"]
 
 
 def b64(data: bytes) -> str:
@@ -129,8 +130,11 @@ class Cluster:
 
 
 def write_cluster_file(root: Path, names: list[str], *, secret: bool = True,
-                       extra: dict[str, Any] | None = None) -> tuple[Path, list[int]]:
-    """A cluster file with fresh ports (and a fresh secret); returns it and the ports (raft, client per node)."""
+                       extra: dict[str, Any] | None = None, voters: int | None = None) -> tuple[Path, list[int]]:
+    """A cluster file with fresh ports (and a fresh secret); returns it and the ports (raft, client per node).
+
+    With ``voters``, only the first ``voters`` nodes vote; the rest are non-voters (``voter = false``).
+    """
     ports = free_ports(2 * len(names))
     lines = ["[cluster]", 'name = "bench"', f'data_dir = "{root / "data"}"']
     if secret:
@@ -139,7 +143,8 @@ def write_cluster_file(root: Path, names: list[str], *, secret: bool = True,
     lines.append("")
     for i, name in enumerate(names):
         lines += ["[[node]]", f'name = "{name}"', f'raft = "127.0.0.1:{ports[2 * i]}"',
-                  f'client = "127.0.0.1:{ports[2 * i + 1]}"', ""]
+                  f'client = "127.0.0.1:{ports[2 * i + 1]}"']
+        lines += ["voter = false", ""] if voters is not None and i >= voters else [""]
     root.mkdir(parents=True, exist_ok=True)
     config = root / "cluster.toml"
     config.write_text("\n".join(lines))
@@ -153,12 +158,15 @@ def _env() -> dict[str, str]:
 
 
 def start_raftcoord(root: Path, procs: Processes, n: int = 3, *, system: str = "raftcoord",
-                    extra: dict[str, Any] | None = None) -> Cluster:
-    """Write a cluster file (fresh ports, a secret) and start ``n`` ``raftcoord node`` processes."""
+                    extra: dict[str, Any] | None = None, voters: int | None = None) -> Cluster:
+    """Write a cluster file (fresh ports, a secret) and start ``n`` ``raftcoord node`` processes.
+
+    With ``voters``, nodes past the first ``voters`` are non-voting replicas.
+    """
     from raftcoord import __version__
 
     names = [f"n{i + 1}" for i in range(n)]
-    config, ports = write_cluster_file(root, names, extra=extra)
+    config, ports = write_cluster_file(root, names, extra=extra, voters=voters)
     members = {name: Member(name, f"http://127.0.0.1:{ports[2 * i + 1]}",
                             [sys.executable, "-m", "raftcoord", "node", "--config", str(config), "--name", name,
                              "--log-level", "WARNING"],
@@ -234,6 +242,32 @@ async def find_leader(session: aiohttp.ClientSession, cluster: Cluster, timeout:
             last = exc
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{cluster.system}: no single leader within {timeout:g} s (last: {last})")
+
+
+async def wait_learners(session: aiohttp.ClientSession, cluster: Cluster, count: int, timeout: float = 60.0) -> None:
+    """Wait until the leader of ``cluster`` has ``count`` non-voters connected, and every member has applied up to
+    the commit index the leader told it: a cluster with non-voters still catching up would measure their catch-up."""
+    deadline = time.monotonic() + timeout
+    short = aiohttp.ClientTimeout(total=2)
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            leader = await find_leader(session, cluster, max(1.0, deadline - time.monotonic()))
+            states = {}
+            for name, url in cluster.urls.items():
+                async with session.get(f"{url}/raftcoord/v1/status", timeout=short) as r:
+                    states[name] = await r.json()
+            connected = states[leader].get("learners_connected")
+            behind = [name for name, st in states.items()
+                      if (st.get("last_applied") or 0) < (st.get("leader_commit_index") or 0)]
+            last = {"learners_connected": connected, "behind": behind}
+            if connected == count and not behind:
+                return
+        except (aiohttp.ClientError, OSError, KeyError, ValueError, asyncio.TimeoutError) as exc:
+            last = exc
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{cluster.system}: {count} non-voters not connected and caught up within {timeout:g} s "
+                       f"(last: {last})")
 
 
 # ------------------------------------------------------------------ workers

@@ -17,7 +17,10 @@ always through the leader:
 * ``failover``: SIGKILL of the leader, then writes through the survivors
   (a new attempt every 20 ms) until one succeeds; the member is restarted
   and the cluster settles before the next kill;
-* ``restart`` and ``memory`` (raftcoord only): see :func:`keys_phase`.
+* ``restart`` and ``memory`` (raftcoord only): see :func:`keys_phase`;
+* puts on 3 voters + 7 non-voters (the ``raftcoord+7nv`` system), each row
+  paired with the same puts on 3 voters alone just before it: see
+  :func:`nonvoter_row`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from raftcoord.bench.load import KEYSPACE, VALUE, bench_key, http_loop, percenti
 from raftcoord.bench.systems import Cluster, Processes, Worker, b64, find_leader, prefix_end, rss_bytes
 
 __all__ = ["HTTP_WORKLOADS", "failover", "failover_summary", "http_messages", "http_row", "keys_phase",
-           "worker_messages", "worker_row"]
+           "nonvoter_row", "worker_messages", "worker_row"]
 
 #: The workloads of the throughput table, as the HTTP systems run them.
 HTTP_WORKLOADS = ("puts", "get-linearizable", "get-serializable", "cas")
@@ -254,6 +257,32 @@ async def worker_messages(workers: dict[str, Worker], leader: str, clients: int,
     await _until_seen(sent, seen, time.monotonic() + STRAGGLER_WAIT, check)
     row.update(_delivery(sent, seen))
     row["duplicates"] = sum(w.duplicates for w in workers.values())
+    return row
+
+
+# ---------------------------------------------------------------- non-voters
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+async def nonvoter_row(session: aiohttp.ClientSession, alone: Cluster, with_non_voters: Cluster, clients: int,
+                       seconds: float, warmup: float) -> dict[str, Any]:
+    """Puts through the leader of ``with_non_voters``, paired with the same puts on ``alone`` (3 voters) just before.
+
+    The row is the first cluster's; ``baseline`` holds the second's and ``vs_3_voters`` the ratios (p50, p99,
+    throughput) of the first to the second. Both clusters run during both halves, so they share the machine's
+    noise alike; what differs is only the non-voters receiving and applying the log.
+    """
+    await find_leader(session, alone, 30)
+    baseline = await http_row(session, alone, "puts", clients, seconds, warmup, set())
+    await find_leader(session, with_non_voters, 30)
+    row = await http_row(session, with_non_voters, "puts", clients, seconds, warmup, set())
+    row["baseline"] = baseline
+    row["vs_3_voters"] = {"p50": _ratio(row.get("p50_ms"), baseline.get("p50_ms")),
+                          "p99": _ratio(row.get("p99_ms"), baseline.get("p99_ms")),
+                          "per_second": _ratio(row.get("per_second"), baseline.get("per_second"))}
     return row
 
 
