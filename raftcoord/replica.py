@@ -209,6 +209,10 @@ class ReplicaSettings:
     batch_max_bytes: int = 60 * 1024
     #: Flush the journal on every change and fsync term/vote and snapshots.
     fsync: bool = False
+    #: Seconds between appends a leader sends each non-voter while entries keep
+    #: coming (issue 10): voters get every entry at once, non-voters what piled
+    #: up, in one message, so seven non-voters cost a put little. 0: at once.
+    learner_append_interval: float = 0.02
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, why: str) -> None:
@@ -226,6 +230,8 @@ class ReplicaSettings:
              "must be at least election_timeout_max")
         need(self.connection_retry >= 0, "connection_retry", "must not be negative")
         need(self.tick_period > 0, "tick_period", "must be positive")
+        need(0 <= self.learner_append_interval <= self.heartbeat_period, "learner_append_interval",
+             "must be between 0 and heartbeat_period")
         need(self.compaction_entries >= 2, "compaction_entries", "must be at least 2")
         need(self.compaction_bytes >= MIN_COMPACTION_BYTES, "compaction_bytes",
              f"must be at least {MIN_COMPACTION_BYTES} (one batch entry)")
@@ -399,6 +405,7 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises plain Exception subclasses
             raise UnavailableError(f"cannot start the raft engine on {self.self_address}: {exc}",
                                    field="raft") from None
+        engine.rc_learner_interval = s.learner_append_interval
         serializer = engine._SyncObj__serializer  # type: ignore[attr-defined]
         serializer.__class__ = _BackgroundSerializer
         serializer.rc_start = self._start_dump
