@@ -23,7 +23,7 @@ Routes (etcd's gateway routes take POST with a JSON body)::
     GET  /version                {"etcdserver", "etcdcluster", "raftcoord"}
     GET  /health                 200 {"health": "true"} | 503 {"health": "false", "reason"}
     GET  /livez, /readyz, /metrics  probes and Prometheus metrics (:mod:`raftcoord.metrics`)
-    GET  /raftcoord/v1/status    this node's status, "node", "client_url", "voter"
+    GET  /raftcoord/v1/status    this node's status, "node", "client_url", "voter", "formats"
     GET  /raftcoord/v1/nodes     {"nodes": [node state + "raft_role", "heard_ago"...], "revision",
                                   "node", "role", "leader_client_url"}
     GET  /raftcoord/v1/messages  ?since=CLOCK&limit=N&consistency=...  (limit: default 1000, max 10000)
@@ -32,6 +32,8 @@ Routes (etcd's gateway routes take POST with a JSON body)::
     POST /raftcoord/v1/messages  {"type", "event"?, "payload"?} -> {"message"}
     POST /raftcoord/v1/session   {}                 -> {"client"}
     GET  /raftcoord/v1/digest    {"revision", "applied", "sha256"} of this replica's snapshot
+    GET  /raftcoord/v1/members   the member registry; POST one change (:mod:`raftcoord.member_http`)
+    GET  /raftcoord/v1/snapshot  a backup file of one revision (:mod:`raftcoord.backup_http`)
 
 The two streams are :mod:`raftcoord.watch_http`'s. Other ``/v3/`` paths
 (leases, auth, ...) answer 501. etcd routes
