@@ -60,8 +60,8 @@ from typing import Any, Final
 
 from raftcoord.errors import InvalidInputError, ValueFormatError
 from raftcoord.keys import MESSAGE_PREFIX, NODE_PREFIX, prefix_end
-from raftcoord.raftfiles import DUMP_FORMAT, Dump, encode_dump_parts, fsync_path
-from raftcoord.values import decode_cbor, encode_cbor
+from raftcoord.raftfiles import DUMP_FORMAT, Dump, encode_dump_parts, fsync_path, write_parts
+from raftcoord.values import cbor_bytes_head, decode_cbor, encode_cbor
 
 __all__ = [
     "BACKUP_VERSION",
@@ -151,16 +151,6 @@ def capture(store: Any, *, cluster: str, created: datetime) -> tuple[BackupHeade
 
 # ------------------------------------------------------------------ encoding
 
-def _bytes_head(n: int) -> bytes:
-    """The CBOR head of a byte string of ``n`` bytes (major type 2)."""
-    if n < 24:
-        return bytes([0x40 + n])
-    for code, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
-        if n < 1 << (8 * size):
-            return bytes([code]) + n.to_bytes(size, "big")
-    raise ValueError("byte string too long for CBOR")
-
-
 def encode_backup_parts(header: BackupHeader, state: bytes) -> list[bytes]:
     """The backup file's bytes in pieces, ``state`` among them uncopied.
 
@@ -168,7 +158,7 @@ def encode_backup_parts(header: BackupHeader, state: bytes) -> list[bytes]:
     twice. Written one after the other, the pieces are the file.
     """
     head = encode_cbor(header.to_map())
-    parts = [MAGIC + encode_cbor(BACKUP_VERSION) + _bytes_head(len(head)) + head, _bytes_head(len(state)), state]
+    parts = [MAGIC + encode_cbor(BACKUP_VERSION) + cbor_bytes_head(len(head)) + head, cbor_bytes_head(len(state)), state]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -447,10 +437,7 @@ def restore_data_dir(backup: Backup, config: Any, name: str, *, data_dir: str | 
 def _write_synced(path: Path, parts: Iterable[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view):]
+        write_parts(fd, parts)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -32,18 +32,13 @@ from raftcoord.errors import (
     error_from_code,
 )
 
-__all__ = ["FORWARDED_HEADER", "add_member_routes", "member_json"]
+__all__ = ["FORWARDED_HEADER", "add_member_routes"]
 
 log = logging.getLogger(__name__)
 
 #: Set on a request one node forwards to the leader: it is never forwarded again.
 FORWARDED_HEADER: Final = "X-Raftcoord-Forwarded"
 _ACTIONS: Final = ("add", "promote", "remove")
-
-
-def member_json(m: Member) -> dict[str, Any]:
-    """A registry entry as the member routes answer it."""
-    return {"name": m.name, "raft": m.raft, "client": m.client, "voter": m.voter}
 
 
 def add_member_routes(app: web.Application, endpoint: Any) -> None:
@@ -75,7 +70,7 @@ class _MemberRoutes:
         def work() -> dict[str, Any]:
             members = membership.members(consistency=consistency)
             leader = membership.leader()
-            return {"members": [member_json(m) for m in members],
+            return {"members": [m.to_map() for m in members],
                     "leader": leader.name if leader is not None else None,
                     # This node's Raft configuration, which takes a change as
                     # it is appended: a voter being added to a one-node

@@ -11,6 +11,7 @@ that flushes every change when ``fsync`` is on (hazard 6).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -20,10 +21,10 @@ from pysyncobj.pickle import dumps as pysyncobj_dumps
 
 from raftcoord.errors import NewerFormatError, ValueFormatError
 from raftcoord.formats import newer_message
-from raftcoord.values import decode_cbor, encode_cbor
+from raftcoord.values import cbor_bytes_head, decode_cbor, encode_cbor
 
 __all__ = ["Dump", "Entry", "FlushedJournal", "align_journal", "decode_dump", "encode_dump", "encode_dump_parts",
-           "fsync_path", "replace_durably", "rewrite_journal"]
+           "fsync_path", "replace_durably", "rewrite_journal", "write_parts"]
 
 DUMP_FORMAT: Final = "raftcoord-replica-snapshot"
 #: The snapshot file layout this code writes, and those it reads (issue 10:
@@ -53,16 +54,6 @@ def encode_dump(dump: Dump) -> bytes:
     })
 
 
-def _bytes_head(n: int) -> bytes:
-    """The CBOR head of a byte string of ``n`` bytes (major type 2)."""
-    if n < 24:
-        return bytes([0x40 + n])
-    for code, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
-        if n < 1 << (8 * size):
-            return bytes([code]) + n.to_bytes(size, "big")
-    raise ValueError("byte string too long for CBOR")
-
-
 def encode_dump_parts(dump: Dump) -> list[bytes]:
     """:func:`encode_dump`'s bytes in pieces, the state among them uncopied.
 
@@ -75,9 +66,9 @@ def encode_dump_parts(dump: Dump) -> list[bytes]:
     # before "state", then "format", "cluster" and "version".
     at = 1 + sum(len(encode_cbor(k)) + len(encode_cbor(list(v))) for k, v in (("last", dump.last), ("prev", dump.prev)))
     at += len(encode_cbor("state"))
-    if empty[at - 6:at + 1] != encode_cbor("state") + _bytes_head(0):  # a cbor2 that orders otherwise
+    if empty[at - 6:at + 1] != encode_cbor("state") + cbor_bytes_head(0):  # a cbor2 that orders otherwise
         return [encode_dump(dump)]
-    return [empty[:at], _bytes_head(len(dump.state)), dump.state, empty[at + 1:]]
+    return [empty[:at], cbor_bytes_head(len(dump.state)), dump.state, empty[at + 1:]]
 
 
 def decode_dump(data: bytes) -> Dump:
@@ -105,6 +96,14 @@ def decode_dump(data: bytes) -> Dump:
     if not isinstance(obj.get("state"), bytes):
         raise ValueFormatError("snapshot file state must be bytes", field="state")
     return Dump(entry("last"), entry("prev"), tuple(cluster), obj["state"])
+
+
+def write_parts(fd: int, parts: Iterable[bytes]) -> None:
+    """Write every byte of ``parts`` to ``fd``, in order, with no joined copy."""
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def fsync_path(path: Path) -> None:

@@ -139,6 +139,7 @@ from raftcoord.raftfiles import (
     decode_dump,
     encode_dump_parts,
     fsync_path,
+    write_parts,
 )
 from raftcoord.stats import ReplicaStats
 from raftcoord.views import PriorityLock, ReadView, ViewRegistry
@@ -1050,11 +1051,8 @@ class _DumpJob:
             size = sum(map(len, parts))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view):]
-                del parts, view
+                write_parts(fd, parts)
+                del parts
                 if self.fsync:
                     os.fsync(fd)
             finally:

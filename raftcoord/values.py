@@ -32,6 +32,7 @@ __all__ = [
     "MessageType",
     "NodeState",
     "NodeStatus",
+    "cbor_bytes_head",
     "decode_cbor",
     "encode_cbor",
     "epoch_seconds",
@@ -45,6 +46,20 @@ def encode_cbor(obj: Any) -> bytes:
         return cbor2.dumps(obj, canonical=True, datetime_as_timestamp=True)
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
         raise ValueFormatError(f"cannot encode as CBOR: {exc}", field="value") from None
+
+
+def cbor_bytes_head(n: int) -> bytes:
+    """The CBOR head of a byte string of ``n`` bytes (major type 2).
+
+    For writers that stream a large byte string in pieces without joining
+    them into one object (snapshot and backup files).
+    """
+    if n < 24:
+        return bytes([0x40 + n])
+    for code, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if n < 1 << (8 * size):
+            return bytes([code]) + n.to_bytes(size, "big")
+    raise ValueError("byte string too long for CBOR")
 
 
 def _keep_tag(tag: int) -> Callable[[Any, bool], Any]:
