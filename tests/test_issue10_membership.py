@@ -240,3 +240,16 @@ def test_issue10_a_non_voter_is_added_promoted_and_removed(cluster: LocalCluster
         wait_agreed(cluster, ["n1", "n2", "n3"], voters3)
         writer.wait_progress()
     check_writes(cluster, ["n1", "n2", "n3"], writer)
+
+
+def test_issue10_a_node_that_is_not_a_member_cannot_join(cluster: LocalCluster) -> None:
+    """pysyncobj issue 89: only a node the cluster added may take part, at the address it was added with."""
+    cluster.write_config(cluster.config_path, cluster.secret, names=["n1", "n2", "n3"])
+    cluster.start("n1", "n2", "n3")
+    cluster.wait_for_leader(["n1", "n2", "n3"])
+    with cluster.config_path.open("a") as f:
+        f.write(node_block(cluster, "n4"))
+    start_joining(cluster, "n4")
+    assert cluster.procs["n4"].wait(timeout=60) != 0
+    assert "node n4 is not a member of the cluster: add it first with `raftcoord member add n4" in cluster.log("n4")
+    assert members_seen_by(cluster, "n1") == [("n1", True), ("n2", True), ("n3", True)]

@@ -94,3 +94,31 @@ def test_issue10_start_10_is_3_voters_and_7_non_voters(tmp_path: Path) -> None:
     finally:
         stopped = run("stop", "--dir", d)
     assert stopped.returncode == 0 and stopped.stdout.count("stopped") == 10
+
+
+def test_issue10_add_and_remove_a_voter_and_a_non_voter(tmp_path: Path) -> None:
+    """``add`` records the member, starts it with --join and waits for it; ``remove`` undoes that."""
+    d = str(tmp_path / "lc")
+    cli = [sys.executable, "-m", "raftcoord", "--config", f"{d}/cluster.toml"]
+
+    def members() -> list[tuple[str, bool]]:
+        out = subprocess.run([*cli, "member", "list", "--json"], capture_output=True, text=True, check=True).stdout
+        return sorted((m["name"], m["voter"]) for m in json.loads(out)["members"])
+
+    try:
+        assert run("start", "3", "--dir", d).returncode == 0
+        added = run("add", "--dir", d)
+        assert added.returncode == 0, added.stdout + added.stderr
+        added = run("add", "--non-voter", "--dir", d)
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert members() == [("n1", True), ("n2", True), ("n3", True), ("n4", True), ("n5", False)]
+        removed = run("remove", "n2", "--dir", d)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        assert members() == [("n1", True), ("n3", True), ("n4", True), ("n5", False)]
+        with open(f"{d}/cluster.toml", "rb") as f:
+            assert [n["name"] for n in tomllib.load(f)["node"]] == ["n1", "n3", "n4", "n5"]
+        assert "was removed from the cluster" in Path(f"{d}/logs/n2.log").read_text()
+        written = subprocess.run([*cli, "put", "after", "x"], capture_output=True, text=True)
+        assert written.returncode == 0, written.stderr
+    finally:
+        run("stop", "--dir", d)
