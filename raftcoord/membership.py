@@ -45,6 +45,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any, Final
 
 from raftcoord.commands import Member, MemberChange
@@ -53,11 +55,12 @@ from raftcoord.errors import (
     InvalidInputError,
     MemberNotFoundError,
     NotLeaderError,
+    RaftcoordError,
     UnavailableError,
     UnknownOutcomeError,
     error_from_code,
 )
-from raftcoord.values import encode_cbor
+from raftcoord.values import NodeState, NodeStatus, encode_cbor
 
 __all__ = ["MEMBER_CHANGE_TIMEOUT", "Membership", "seed_members"]
 
@@ -172,7 +175,25 @@ class Membership:
                                          field="name")
                 result = self._change_voter("rem", member, cmd, timeout)
             log.info("member %s removed", name)
+            self._mark_removed(name)
             return result
+
+    def _mark_removed(self, name: str) -> None:
+        """Best effort: the removed node's state record says ``removed`` (it may be gone already)."""
+        def read(store: Any) -> tuple[NodeState, int] | None:
+            state = store.node_state(name)
+            kv = store.get(state.key) if state is not None else None
+            return (state, kv.mod_revision) if state is not None and kv is not None else None
+
+        try:
+            found = self.coordinator.read(read, consistency="linearizable")
+            if found is None:
+                return
+            state, revision = found
+            new = replace(state, status=NodeStatus.REMOVED, timestamp=datetime.now(timezone.utc))
+            self.coordinator.execute({"op": "node", "state": new.to_map(), "expect_revision": revision}, timeout=5.0)
+        except RaftcoordError as exc:
+            log.info("could not record node %s as removed: %s", name, exc.message)
 
     def hand_over(self, timeout: float = 10.0) -> str | None:
         """On the leader: hand leadership to another voter; the new leader's raft address."""
@@ -214,18 +235,27 @@ class Membership:
         # to commit (pysyncobj issue 51): it is in the log, and the new node
         # commits it as it joins.
         wait = _APPENDED_WAIT if quorum_waits else timeout
-        try:
-            result = backend.change_voters(kind, member.raft, data, wait)
-        except UnknownOutcomeError:
-            if quorum_waits and member.raft in self.coordinator.status().get("voters", ()):
-                return {"ok": True, "pending": True, "member": member.to_map(),
-                        "note": "in the leader's log; it commits once the new node runs (start it with --join)"}
-            return self._settle(kind, member, timeout)
+        refused_until = time.monotonic() + min(timeout, 10.0)
+        while True:
+            try:
+                result = backend.change_voters(kind, member.raft, data, wait)
+                break
+            except ConflictError:
+                # pysyncobj refuses while a previous change or a new leader's
+                # first entry is uncommitted: both pass within moments.
+                if time.monotonic() > refused_until:
+                    raise
+                time.sleep(0.2)
+            except UnknownOutcomeError:
+                if quorum_waits and member.raft in self.coordinator.status().get("voters", ()):
+                    return {"ok": True, "pending": True, "member": member.to_map(),
+                            "note": "in the leader's log; it commits once the new node runs (start it with --join)"}
+                return self._settle(kind, member, timeout)
         if not result.get("ok", True):
             err = result.get("error") or {}
             raise error_from_code(err.get("code", "internal"), err.get("message", "member change refused"),
                                   err.get("field"))
-        return result
+        return dict(result)
 
     def _settle(self, kind: str, member: Member, timeout: float) -> dict[str, Any]:
         """After an unknown outcome: read the registry until it tells whether the change applied."""

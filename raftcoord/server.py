@@ -275,8 +275,8 @@ class NodeServer:
 
     async def stop(self) -> None:
         """Say goodbye (``leaving``, then ``down``), close the endpoint, then the replica."""
-        # A removed voter has nobody left to say goodbye to: do not wait long for it.
-        await self._close_parts(goodbye=1.0 if self.removed else GOODBYE_TIMEOUT)
+        # A removed node says no goodbye: its record says "removed", written by the leader.
+        await self._close_parts(goodbye=0.0 if self.removed else GOODBYE_TIMEOUT)
         log.info("node %s stopped", self.node.name)
 
     async def _close_parts(self, *, goodbye: float) -> None:

@@ -61,6 +61,13 @@ def remove_member(cluster: LocalCluster, name: str, *, voter: bool = True) -> No
     # The removed node learns it and stops by itself, saying why.
     cluster.procs[name].wait(timeout=60)
     assert "was removed from the cluster" in cluster.log(name)
+    rest = [n for n in cluster.procs if n != name and cluster.procs[n].poll() is None]
+
+    def recorded_removed() -> bool:
+        states = {n["host"]: n["status"] for n in cluster.client(*rest).nodes()}
+        return states.get(name) == "removed"
+
+    wait_until(recorded_removed, 30, f"{name}'s state record to say removed")
     text = cluster.config_path.read_text()
     cluster.config_path.write_text(text.replace(node_block(cluster, name, voter), ""))
 
