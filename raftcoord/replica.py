@@ -62,7 +62,7 @@ reproduce each hazard with the guard removed):
   entries were applied since the last one (issue 9: 1,000 txns of 1,000
   puts are only 1,000 commands). Only ``store.image()`` runs on the Raft
   thread (about 44 ms at 1,000,000 keys); encoding, writing and fsync run
-  on a thread of their own (``_DumpJob``), renamed into place only when
+  on a thread of their own (``DumpJob``), renamed into place only when
   whole, and pysyncobj trims the journal only after that. cbor2 encodes in
   one C call that holds the GIL, so the Raft thread still waits out the
   encoding itself (about 0.3 s at 1,000,000 keys), but no longer the copy
@@ -102,7 +102,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
-import gc
 import inspect
 import logging
 import math
@@ -128,19 +127,11 @@ from raftcoord.errors import (
     UnavailableError,
     ValueFormatError,
 )
-from raftcoord.engine import Engine, Throttle, _SyncedSerializer
+from raftcoord.engine import Engine, Throttle
 from raftcoord.formats import check_entry
 from raftcoord.proposals import BARRIER, Barriers, Batcher, Proposer, decode_batch
-from raftcoord.raftfiles import (
-    Dump,
-    Entry,
-    FlushedJournal,
-    align_journal,
-    decode_dump,
-    encode_dump_parts,
-    fsync_path,
-    write_parts,
-)
+from raftcoord.raftfiles import FlushedJournal, align_journal, decode_dump, fsync_path
+from raftcoord.snapshotting import SUCCESS, BackgroundSerializer, DumpJob, no_cyclic_gc
 from raftcoord.stats import ReplicaStats
 from raftcoord.views import PriorityLock, ReadView, ViewRegistry
 
@@ -321,7 +312,7 @@ class Replica:
         self._tick_errors = Throttle(10.0)
         self._since_dump = 0  # commands applied since the last snapshot (Raft thread)
         self._since_dump_bytes = 0  # bytes of entries applied since then (Raft thread)
-        self._dump_job: _DumpJob | None = None  # the snapshot being written in the background
+        self._dump_job: DumpJob | None = None  # the snapshot being written in the background
         self._startup_dump: tuple[tuple[int, int], Store] | None = None
 
         self.data_dir = Path(data_dir)
@@ -357,7 +348,7 @@ class Replica:
             try:
                 stat = dump_path.stat()
                 dump = decode_dump(dump_path.read_bytes())
-                with _no_cyclic_gc():
+                with no_cyclic_gc():
                     self._startup_dump = ((stat.st_mtime_ns, stat.st_size), self._sm.restore(dump.state))
                 # Serve the snapshot's state from the moment the replica is
                 # open: pysyncobj loads it only on the first tick, and a read
@@ -389,7 +380,7 @@ class Replica:
             logCompactionMinTime=s.compaction_seconds,
             journalFile=str(journal),
             fullDumpFile=str(dump_path),
-            serializer=self._refuse_dump,  # never called: _BackgroundSerializer writes the snapshots
+            serializer=self._refuse_dump,  # never called: BackgroundSerializer writes the snapshots
             deserializer=self._read_dump,
             maxBindRetries=1,
             onStateChanged=self._on_state_changed,
@@ -408,7 +399,7 @@ class Replica:
                                    field="raft") from None
         engine.rc_learner_interval = s.learner_append_interval
         serializer = engine._SyncObj__serializer  # type: ignore[attr-defined]
-        serializer.__class__ = _BackgroundSerializer
+        serializer.__class__ = BackgroundSerializer
         serializer.rc_start = self._start_dump
         serializer.rc_done = self._dump_ended
         if s.fsync:
@@ -621,10 +612,10 @@ class Replica:
     def _refuse_dump(path: str, data: tuple[Any, ...]) -> None:
         raise RuntimeError("pysyncobj's own snapshot writing is replaced by the replica's")
 
-    def _start_dump(self, path: str, data: tuple[Any, ...]) -> _DumpJob:
+    def _start_dump(self, path: str, data: tuple[Any, ...]) -> DumpJob:
         """Raft thread: freeze the state and write it to ``path`` on a thread of its own.
 
-        Called through :class:`_BackgroundSerializer` where pysyncobj would
+        Called through :class:`BackgroundSerializer` where pysyncobj would
         call its ``serializer`` hook. Only ``store.image()`` (copies of
         references, about 44 ms at 1,000,000 keys) runs here; the encoding
         (about 0.3 s there), the write and the fsync do not, so the Raft
@@ -638,7 +629,7 @@ class Replica:
         since = (self._since_dump, self._since_dump_bytes)
         self._since_dump = 0
         self._since_dump_bytes = 0
-        job = _DumpJob(
+        job = DumpJob(
             path=Path(path),
             last=(bytes(last[0]), last[1], last[2]),
             prev=(bytes(prev[0]), prev[1], prev[2]),
@@ -653,9 +644,9 @@ class Replica:
         job.thread.start()
         return job
 
-    def _dump_ended(self, job: _DumpJob) -> None:
+    def _dump_ended(self, job: DumpJob) -> None:
         """Raft thread (the serializer's ``rc_done``): a failed job's entries still count toward the next one."""
-        if job.outcome != _SUCCESS and not job.cancelled:
+        if job.outcome != SUCCESS and not job.cancelled:
             self._since_dump += job.since[0]
             self._since_dump_bytes += job.since[1]
 
@@ -989,147 +980,6 @@ class Replica:
             raise UnavailableError("the replica is closed")
         if self._failed is not None:
             raise ReplicaFailedError(f"the replica has failed and serves nothing until restarted: {self._failed}")
-
-
-# --------------------------------------------------------------------------
-# Snapshots written in the background (issue 9)
-
-
-@contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector (issue 9: restoring a snapshot at start).
-
-    A restore makes millions of objects and no cyclic garbage, and each
-    collection it sets off walks every object made so far: about a quarter
-    of the restore's time (0.17 s against 0.13 s at 300,000 keys).
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-_SERIALIZING: Final = 1  # pysyncobj.config.SERIALIZER_STATE
-_SUCCESS: Final = 2
-_FAILED: Final = 3
-_BUSY_PID: Final = -3  # the Serializer's "pid" while a job runs: not 0 (idle), -1 or -2 (its own outcomes)
-
-
-class _DumpJob:
-    """One snapshot written off the Raft thread: encode, write to a temp file, rename.
-
-    The rename happens under ``lock`` and not once ``cancelled`` is set: a
-    snapshot received from the leader meanwhile is newer, and an older
-    local one renamed over it would take this node back behind entries it
-    may already have acknowledged.
-    """
-
-    def __init__(self, *, path: Path, last: Entry, prev: Entry, cluster: tuple[str, ...], image: Any,
-                 fsync: bool) -> None:
-        self.path, self.last, self.prev, self.cluster, self.image, self.fsync = path, last, prev, cluster, image, fsync
-        self.thread: threading.Thread
-        self.since = (0, 0)  # commands and bytes applied between the previous snapshot and this one
-        self.stats: ReplicaStats | None = None  # the replica's, to record a written snapshot in
-        self.lock = threading.Lock()
-        self.cancelled = False
-        self.outcome = _SERIALIZING
-        self.started = time.monotonic()
-
-    def cancel(self) -> None:
-        """Never rename this job's file into place from now on (a newer snapshot is coming)."""
-        with self.lock:
-            self.cancelled = True
-
-    def run(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            parts = encode_dump_parts(Dump(self.last, self.prev, self.cluster, self.image.encode()))
-            self.image = None  # the references it holds: free them now, not when the next job starts
-            size = sum(map(len, parts))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_parts(fd, parts)
-                del parts
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            with self.lock:
-                if self.cancelled:
-                    tmp.unlink()
-                    log.info("dropped the snapshot at log index %d: one from the leader replaced it", self.last[1])
-                    self.outcome = _FAILED
-                    return
-                os.replace(tmp, self.path)
-            if self.fsync:
-                fsync_path(self.path.parent)  # the rename
-        except BaseException:  # noqa: BLE001 - any failure leaves the old snapshot and the whole journal
-            log.exception("writing the snapshot at log index %d failed; the journal is kept", self.last[1])
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            self.outcome = _FAILED
-            return
-        finally:
-            self.image = None
-        elapsed = time.monotonic() - self.started
-        if self.stats is not None:
-            self.stats.snapshot_bytes, self.stats.snapshot_seconds = size, elapsed
-            self.stats.snapshots += 1
-        log.info("snapshot at log index %d: %d bytes in %.0f ms (in the background)",
-                 self.last[1], size, elapsed * 1000)
-        self.outcome = _SUCCESS
-
-
-class _BackgroundSerializer(_SyncedSerializer):
-    """pysyncobj's Serializer, writing this node's own snapshots on another thread.
-
-    pysyncobj offers a ``serializeChecker`` for that, but renames the
-    serializer's temp file over the snapshot as soon as the hook returns, so
-    a hook that hands the work to a thread would have its half-written
-    file renamed into place. Here ``serialize`` starts the replica's job
-    (``rc_start``) and ``checkSerializing`` reports SERIALIZING until it
-    ends, then SUCCESS or FAILED once, as pysyncobj's fork mode does. While a
-    job runs the inherited state (the private "pid" not 0) keeps pysyncobj
-    from starting another and from sending the snapshot file to a peer.
-    """
-
-    rc_start: Callable[[str, tuple[Any, ...]], _DumpJob]
-    rc_done: Callable[[_DumpJob], None]
-    rc_job: _DumpJob | None = None
-
-    def serialize(self, data: Any, id: Any) -> None:  # noqa: A002 - pysyncobj's name
-        if self._Serializer__pid != 0:  # type: ignore[attr-defined]
-            return
-        self._Serializer__currentID = id  # type: ignore[attr-defined]
-        try:
-            self.rc_job = self.rc_start(self._Serializer__fileName, data[1:])  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - taking the image failed: pysyncobj retries later
-            log.exception("starting a snapshot failed")
-            self._Serializer__pid = -2  # type: ignore[attr-defined] # FAILED on the next check
-            return
-        self._Serializer__pid = _BUSY_PID  # type: ignore[attr-defined]
-
-    def checkSerializing(self) -> tuple[int, Any]:  # noqa: N802 - pysyncobj's name
-        job = self.rc_job
-        if self._Serializer__pid != _BUSY_PID or job is None:  # type: ignore[attr-defined]
-            return super().checkSerializing()  # type: ignore[no-any-return]
-        if job.outcome == _SERIALIZING:
-            return _SERIALIZING, self._Serializer__currentID  # type: ignore[attr-defined]
-        self.rc_job = None
-        self._Serializer__pid = 0  # type: ignore[attr-defined]
-        self.rc_done(job)
-        if job.outcome == _SUCCESS:
-            self._Serializer__transmissions = {}  # type: ignore[attr-defined] # open on the old file
-        return job.outcome, self._Serializer__currentID  # type: ignore[attr-defined]
-
-    def setTransmissionData(self, data: Any) -> bool:  # noqa: N802 - pysyncobj's name
-        job = self.rc_job
-        if job is not None and data is not None and data[2]:
-            job.cancel()  # before this snapshot from the leader may be renamed into place
-        return super().setTransmissionData(data)  # type: ignore[no-any-return]
 
 
 def open_replica_backend(config: Any, node: str, *, voters: list[str] | None = None, voter: bool | None = None,
