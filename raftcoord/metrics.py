@@ -209,6 +209,11 @@ class NodeCollector:
                                               timeout=_SCRAPE_READ_TIMEOUT)
         except RaftcoordError:
             out["clock"] = None  # a failed or closed replica: no lag to report
+        membership = getattr(coord, "membership", None)
+        try:
+            out["members"] = membership.members(consistency="serializable") if membership is not None else None
+        except RaftcoordError:
+            out["members"] = None
         out["http_watches"] = getattr(self.streams, "watches", None)
         out["requests"] = dict(self.requests)  # one copy in one step: the event loop adds keys meanwhile
         return out
@@ -250,6 +255,15 @@ class NodeCollector:
                     "1 while this node's replica works and its Raft thread ticks (as GET /health), else 0",
                     int(status.get("healthy", True) is not False) if live else None)
         yield gauge("raftcoord_store_revision", "The revision of this node's store", status.get("revision"))
+        members = GaugeMetricFamily("raftcoord_members", "Members in the replicated member registry, by kind",
+                                    labels=("kind",))
+        if live and data["members"] is not None:
+            voting = sum(1 for m in data["members"] if m.voter)
+            members.add_metric(["voter"], voting)
+            members.add_metric(["non-voter"], len(data["members"]) - voting)
+        yield members
+        yield gauge("raftcoord_raft_voters", "Voters in this node's Raft configuration (a change counts once appended)",
+                    len(status["voters"]) if live and status.get("voters") is not None else None)
 
         # --- replica counters
         yield counter("raftcoord_raft_leader_changes", "Times this node saw a new Raft leader",

@@ -42,7 +42,7 @@ FAMILIES = (
     "raftcoord_apply_duration_seconds", "raftcoord_snapshots_written", "raftcoord_snapshot_last_size_bytes",
     "raftcoord_snapshot_last_duration_seconds", "raftcoord_messages_posted", "raftcoord_messages_delivered",
     "raftcoord_observers", "raftcoord_observer_clock_lag_max", "raftcoord_watches", "raftcoord_http_watches",
-    "raftcoord_http_request_duration_seconds",
+    "raftcoord_http_request_duration_seconds", "raftcoord_members", "raftcoord_raft_voters",
 )
 
 
@@ -136,6 +136,8 @@ def test_issue10_metrics_parse_and_move_with_writes(cluster: LocalCluster) -> No
         assert s.value("raftcoord_raft_leader_known") == 1 and s.value("raftcoord_healthy") == 1
         assert s.value("raftcoord_raft_term") >= 1 and s.value("raftcoord_raft_leader_changes_total") >= 1
         assert s.value("raftcoord_raft_commit_index") >= s.value("raftcoord_raft_applied_index") > 0
+        assert s.value("raftcoord_raft_voters") == 3
+        assert s.value("raftcoord_members", kind="voter") == 3 and s.value("raftcoord_members", kind="non-voter") == 0
     # compaction_entries = 20: more than 40 commands applied, so n1 writes a snapshot (in the background).
     written = wait_until(lambda: (s := scrape(addr)).value("raftcoord_snapshots_written_total") >= 1 and s, 10,
                          "n1 to report a snapshot written")
