@@ -20,6 +20,7 @@ with a clear message, which the CLI prints as one line.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 import logging
@@ -39,8 +40,8 @@ from raftcoord.endpoint import make_app, serve
 from raftcoord.errors import ConfigError, UnavailableError
 from raftcoord.housekeeping import FAILURE_LOG_PERIOD, HOUSEKEEPING_PERIOD, PURGE_PERIOD, Housekeeper
 
-__all__ = ["FAILURE_LOG_PERIOD", "HOUSEKEEPING_PERIOD", "PURGE_PERIOD", "NodeServer", "event_loop_factory",
-           "open_coordinator", "run_node"]
+__all__ = ["FAILURE_LOG_PERIOD", "HOUSEKEEPING_PERIOD", "PURGE_PERIOD", "NodeServer", "ask_cluster",
+           "event_loop_factory", "open_coordinator", "run_node"]
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,22 @@ REMOVAL_CHECK_PERIOD = 1.0
 LEADERLESS_ASK_AFTER = 5.0
 
 
-def open_coordinator(path: str, *, node: str, **kwargs: Any) -> Coordinator:
+def open_coordinator(path: str, *, node: str, join: bool = False, **kwargs: Any) -> Coordinator:
     """The embedded coordinator of ``node`` as described in the cluster file ``path``.
+
+    ``join``: the node was added to a running cluster (``raftcoord member
+    add``) and its data directory is empty: it takes the voters and its vote
+    from the cluster's member registry, as ``raftcoord node --join`` does.
 
     Starts the node's replica (Raft peer traffic on its ``raft`` address) but
     no HTTP endpoint. Close it with :meth:`Coordinator.close`.
     """
-    return _open(load_config(path), node, **kwargs)
+    config = load_config(path)
+    if join and not any(Path(config.node(node).data_dir).glob("raft.*")):
+        # Its own event loop on a thread of its own: the caller may be inside one.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            kwargs.update(pool.submit(asyncio.run, ask_cluster(config, node, required=True)).result())
+    return _open(config, node, **kwargs)
 
 
 def _open(config: ClusterConfig, node: str, **kwargs: Any) -> Coordinator:
@@ -114,7 +124,7 @@ class NodeServer:
                 log.info("node %s: --join, but the data directory holds this node's data: starting from it",
                          self.node.name)
             elif self.join or fresh:
-                kwargs = await self._ask_cluster(required=self.join)
+                kwargs = await ask_cluster(self.config, self.node.name, required=self.join)
             try:
                 self.coordinator = await loop.run_in_executor(
                     None, functools.partial(_open, self.config, self.node.name, **kwargs))
@@ -160,44 +170,6 @@ class NodeServer:
                     self.node.name, ", ".join(voters))
         await self._close_parts(goodbye=0.0)
         await self.start({"voters": voters, "voter": True})
-
-    async def _ask_cluster(self, *, required: bool) -> dict[str, Any]:
-        """The voters and this node's vote, as the cluster's member registry has them.
-
-        ``--join`` (``required``) needs an answer naming this node: a node
-        that is not a member could only disrupt the cluster. A fresh node
-        of a new cluster finds nobody, or a registry not yet seeded, and
-        starts from its cluster file.
-        """
-        answer = await _fetch_members(self.config, self.node.name, timeout=10.0 if required else 2.0)
-        if answer is None:
-            if required:
-                raise UnavailableError(f"node {self.node.name}: --join: no other node of the cluster file answered; "
-                                       "start it once the cluster runs", field="join")
-            return {}
-        members = {m.get("name"): m for m in answer.get("members") or () if isinstance(m, dict)}
-        me = members.get(self.node.name)
-        raft_voters = [str(a) for a in answer.get("raft_voters") or ()]
-        if me is None and self.node.raft in raft_voters:
-            # Added as a voter to a one-node cluster: the change waits for this
-            # node to commit it (pysyncobj issue 51), so only the leader's Raft
-            # configuration has it yet.
-            voters = [a for a in raft_voters if a != self.node.raft]
-            log.info("node %s: joining as a voter being added; voters %s", self.node.name, ", ".join(voters))
-            return {"voters": voters, "voter": True}
-        if me is None:
-            if required:
-                raise ConfigError(f"node {self.node.name} is not a member of the cluster: add it first with "
-                                  f"`raftcoord member add {self.node.name} --raft {self.node.raft} "
-                                  f"--client {self.node.client}`", field="join")
-            return {}
-        if me.get("raft") != self.node.raft:
-            raise ConfigError(f"node {self.node.name} is a member with raft address {me.get('raft')}, "
-                              f"but the cluster file says {self.node.raft}", field="raft")
-        voters = [str(m["raft"]) for m in members.values() if m.get("voter") and m.get("name") != self.node.name]
-        log.info("node %s: joining as a %s; voters %s", self.node.name,
-                 "voter" if me.get("voter") else "non-voter", ", ".join(voters))
-        return {"voters": voters, "voter": bool(me.get("voter"))}
 
     async def _watch_membership(self) -> None:
         """Follow this node's entry in the member registry (issue 10).
@@ -294,6 +266,47 @@ class NodeServer:
         if coord is not None:
             await loop.run_in_executor(None, coord.close)
             self.coordinator = None
+
+
+async def ask_cluster(config: ClusterConfig, name: str, *, required: bool) -> dict[str, Any]:
+    """The voters and this node's vote, as the cluster's member registry has them.
+
+    ``--join`` (``required``) needs an answer naming this node: a node
+    that is not a member could only disrupt the cluster. A fresh node
+    of a new cluster finds nobody, or a registry not yet seeded, and
+    starts from its cluster file. Returns the ``voters`` and ``voter``
+    arguments of :meth:`Coordinator.from_cluster_config` (empty: the file's).
+    """
+    node = config.node(name)
+    answer = await _fetch_members(config, name, timeout=10.0 if required else 2.0)
+    if answer is None:
+        if required:
+            raise UnavailableError(f"node {name}: --join: no other node of the cluster file answered; "
+                                   "start it once the cluster runs", field="join")
+        return {}
+    members = {m.get("name"): m for m in answer.get("members") or () if isinstance(m, dict)}
+    me = members.get(name)
+    raft_voters = [str(a) for a in answer.get("raft_voters") or ()]
+    if me is None and node.raft in raft_voters:
+        # Added as a voter to a one-node cluster: the change waits for this
+        # node to commit it (pysyncobj issue 51), so only the leader's Raft
+        # configuration has it yet.
+        voters = [a for a in raft_voters if a != node.raft]
+        log.info("node %s: joining as a voter being added; voters %s", name, ", ".join(voters))
+        return {"voters": voters, "voter": True}
+    if me is None:
+        if required:
+            raise ConfigError(f"node {name} is not a member of the cluster: add it first with "
+                              f"`raftcoord member add {name} --raft {node.raft} "
+                              f"--client {node.client}`", field="join")
+        return {}
+    if me.get("raft") != node.raft:
+        raise ConfigError(f"node {name} is a member with raft address {me.get('raft')}, "
+                          f"but the cluster file says {node.raft}", field="raft")
+    voters = [str(m["raft"]) for m in members.values() if m.get("voter") and m.get("name") != name]
+    log.info("node %s: joining as a %s; voters %s", name,
+             "voter" if me.get("voter") else "non-voter", ", ".join(voters))
+    return {"voters": voters, "voter": bool(me.get("voter"))}
 
 
 async def _fetch_members(config: ClusterConfig, me: str, *, timeout: float,

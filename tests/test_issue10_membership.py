@@ -260,3 +260,26 @@ def test_issue10_a_node_that_is_not_a_member_cannot_join(cluster: LocalCluster) 
     assert cluster.procs["n4"].wait(timeout=60) != 0
     assert "node n4 is not a member of the cluster: add it first with `raftcoord member add n4" in cluster.log("n4")
     assert members_seen_by(cluster, "n1") == [("n1", True), ("n2", True), ("n3", True)]
+
+
+def test_issue10_an_embedded_node_joins_with_open_coordinator(cluster: LocalCluster) -> None:
+    """What a PuzzleDB node does: open_coordinator(..., join=True) after ``member add``, then it serves."""
+    from raftcoord.server import open_coordinator
+
+    cluster.write_config(cluster.config_path, cluster.secret, names=["n1", "n2", "n3"])
+    cluster.start("n1", "n2", "n3")
+    cluster.wait_for_leader(["n1", "n2", "n3"])
+    cluster.client("n1").put(b"before", b"1")
+    with cluster.config_path.open("a") as f:
+        f.write(node_block(cluster, "n4", voter=False))
+    done = cli(cluster, "member", "add", "n4", "--raft", cluster.raft["n4"], "--client", cluster.client_addr["n4"],
+               "--non-voter")
+    assert done.returncode == 0, done.stderr + done.stdout
+    coord = open_coordinator(str(cluster.config_path), node="n4", join=True)
+    try:
+        assert coord.status()["role"] == "learner"
+        assert coord.get(b"before") == b"1"  # linearizable, from a non-voter
+        coord.put(b"from-n4", b"2")  # forwarded to the leader
+        assert cluster.client("n1").get(b"from-n4")["value"] == b"2"
+    finally:
+        coord.close()
