@@ -296,7 +296,8 @@ def node(ctx: click.Context, node_config: str | None, name: str, log_level: str,
 @click.option("--duration", type=click.FloatRange(1, 86400), default=60.0, show_default=True,
               help="Seconds of faults.")
 @click.option("--faults", default="kill,pause,partition", show_default=True,
-              help="Comma-separated fault kinds: kill, kill-leader, kill-majority, pause, partition, delay, drop.")
+              help="Comma-separated fault kinds: kill, kill-leader, kill-majority, pause, partition, delay, drop, "
+                   "member.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Seed of the fault schedule and the workload (default: a random one, printed).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

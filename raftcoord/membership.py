@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 MEMBER_CHANGE_TIMEOUT: Final = 30.0
 #: Seconds to wait for a one-node cluster's second voter to commit its own addition.
 _APPENDED_WAIT: Final = 2.0
+#: Seconds a voter change waits for enough voters to be connected before it is refused.
+_STARTED_GRACE: Final = 3.0
 
 
 def seed_members(nodes: Iterable[Any]) -> tuple[Member, ...]:
@@ -137,6 +139,7 @@ class Membership:
                 result = self.coordinator.execute(cmd.to_map(), timeout=timeout)
             else:
                 voters = sum(m.voter for m in current)
+                self._check_started(current, add=member, started=False)
                 result = self._change_voter("add", member, cmd, timeout, quorum_waits=voters == 1)
             log.info("member %s added (%s, raft %s, client %s)", member.name,
                      "voter" if member.voter else "non-voter", member.raft, member.client)
@@ -149,6 +152,7 @@ class Membership:
             if member.voter:
                 raise ConflictError(f"member {name!r} is already a voter", field="name")
             self._check_caught_up(member)
+            self._check_started(self.members(consistency="serializable"), add=member, started=True)
             cmd = MemberChange(action="promote", name=name)
             voters = sum(m.voter for m in self.members(consistency="serializable"))
             result = self._change_voter("add", member, cmd, timeout, quorum_waits=voters == 1)
@@ -173,27 +177,35 @@ class Membership:
                 if member.raft == self.coordinator.status().get("self"):
                     raise NotLeaderError(f"member {name!r} leads: hand leadership over before removing it",
                                          field="name")
+                self._check_started(current, remove=member)
                 result = self._change_voter("rem", member, cmd, timeout)
             log.info("member %s removed", name)
-            self._mark_removed(name)
+            self._mark_removed(member)
             return result
 
-    def _mark_removed(self, name: str) -> None:
-        """Best effort: the removed node's state record says ``removed`` (it may be gone already)."""
-        def read(store: Any) -> tuple[NodeState, int] | None:
-            state = store.node_state(name)
-            kv = store.get(state.key) if state is not None else None
-            return (state, kv.mod_revision) if state is not None and kv is not None else None
+    def _mark_removed(self, member: Member) -> None:
+        """Best effort: the removed node's state record says ``removed``.
 
+        Written even when the node never wrote a record (removed right after
+        it started), and only over the record read here: a removed node can
+        no longer commit a record of its own.
+        """
+        def read(store: Any) -> tuple[NodeState | None, int]:
+            state = store.node_state(member.name)
+            kv = store.get(state.key) if state is not None else None
+            return state, (kv.mod_revision if kv is not None else 0)
+
+        now = datetime.now(timezone.utc)
         try:
-            found = self.coordinator.read(read, consistency="linearizable")
-            if found is None:
-                return
-            state, revision = found
-            new = replace(state, status=NodeStatus.REMOVED, timestamp=datetime.now(timezone.utc))
+            state, revision = self.coordinator.read(read, consistency="linearizable")
+            if state is None:
+                new = NodeState(host=member.name, status=NodeStatus.REMOVED, clock=0, timestamp=now,
+                                addr=member.raft, cluster=str(getattr(self.coordinator, "cluster", "") or ""))
+            else:
+                new = replace(state, status=NodeStatus.REMOVED, timestamp=now)
             self.coordinator.execute({"op": "node", "state": new.to_map(), "expect_revision": revision}, timeout=5.0)
         except RaftcoordError as exc:
-            log.info("could not record node %s as removed: %s", name, exc.message)
+            log.info("could not record node %s as removed: %s", member.name, exc.message)
 
     def hand_over(self, timeout: float = 10.0) -> str | None:
         """On the leader: hand leadership to another voter; the new leader's raft address."""
@@ -218,6 +230,43 @@ class Membership:
             if m.name == name:
                 return m
         raise MemberNotFoundError(f"no member named {name!r}", field="name")
+
+    def _check_started(self, members: Iterable[Member], *, add: Member | None = None, started: bool = False,
+                       remove: Member | None = None) -> None:
+        """Refuse a voter change after which the running voters would not be a majority.
+
+        pysyncobj takes a change as it is appended: removing a running voter
+        while another is down left {leader, the down one}, which commits
+        nothing, so the change itself never committed and the cluster stood
+        still until the down node came back (found by the fault suite's
+        member fault). etcd's strict reconfiguration check, with its one
+        exception: a one-node cluster may add its second voter (the new node
+        commits its own addition).
+        """
+        voters = [m for m in members if m.voter]
+        if add is not None and len(voters) == 1 and not started:
+            return  # 1 -> 2: allowed, as etcd allows it
+        after = [m for m in voters if remove is None or m.name != remove.name]
+        total = len(after) + (1 if add is not None else 0)
+        deadline = time.monotonic() + _STARTED_GRACE
+        while True:
+            # Connected to the leader: a new leader has heard from a follower
+            # only since it won, so how long ago says little yet; and right
+            # after a leader change a connection may still be coming up.
+            status = self.coordinator.status()
+            partners = status.get("partners") or {}
+            up = [m for m in after if m.raft == status.get("self") or partners.get(m.raft)]
+            if add is not None and started:
+                up.append(add)
+            if len(up) >= total // 2 + 1:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        down = [m.name for m in after if m not in up]
+        what = f"adding {add.name}" if add is not None else f"removing {remove.name}" if remove is not None else "it"
+        raise UnavailableError(f"{what} would leave {len(up)} running of {total} voters, not a majority; "
+                               f"bring {', '.join(down) or 'the missing voters'} back first", field="name")
 
     def _check_caught_up(self, member: Member) -> None:
         heard = (self.coordinator.status().get("peers") or {}).get(member.raft)

@@ -336,3 +336,105 @@ def test_a_runner_killed_midway_leaves_nothing_for_long(tmp_path: Path) -> None:
     if started["namespaces"]:
         netns.sweep_stale()
         assert not set(started["namespaces"]) & set(netns.namespaces())
+
+
+def _voters(cluster: ChaosCluster) -> list[tuple[str, str, str, bool]]:
+    return sorted((m["name"], m["raft"], m["client"], m["voter"]) for m in cluster.members(timeout=10))
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_member_fault_removes_the_leader_and_heal_adds_it_back_whole(tmp_path: Path) -> None:
+    """MemberFault removes the leader through the API (hand-over first): it stops by itself and its data goes;
+    heal adds it back with --join, and the member list is whole again (every node a voter, same addresses)."""
+    with ChaosCluster(tmp_path, 3, netns=False, seed=6) as cluster:
+        whole = _voters(cluster)
+        assert [m[0] for m in whole] == cluster.names and all(m[3] for m in whole)
+        leader = cluster.leader()
+        fault = FAULTS["member"]("leader")
+        description = fault.inject(cluster, random.Random(5))
+        assert description.startswith("member: removed") and not fault.skipped, description
+        assert fault.victim == leader and fault.finding is None, description
+        assert not cluster.alive(leader) and cluster.procs[leader].returncode == 0
+        assert "was removed from the cluster" in cluster.log(leader)
+        assert not cluster.data_dir(leader).exists()
+        assert cluster.removed == {leader}
+        rest = [m for m in whole if m[0] != leader]
+        assert _voters(cluster) == rest
+        with pytest.raises(RuntimeError, match="removed"):
+            cluster.restart(leader)  # a removed node comes back only through rejoin
+        fault.heal(cluster)
+        assert cluster.removed == set() and fault.victim is None
+        assert _voters(cluster) == whole
+        assert "--join" in " ".join(cluster.procs[leader].args)
+        cluster.wait_healthy(HEAL_DEADLINE)
+        assert_serves_everywhere(cluster)
+
+
+class _RefusingCluster:
+    """A stand-in cluster whose every removal the "cluster" refuses (no leader, no majority)."""
+
+    names = ["n1", "n2", "n3"]
+    removed: set[str] = set()
+
+    def leader(self) -> str | None:
+        """No leader right now."""
+        return None
+
+    def remove_member(self, name: str, **_: Any) -> tuple[bool, float]:
+        """Refused until the deadline, as a real cluster without a majority does."""
+        from raftcoord.chaos.cluster import MemberChangeRefusedError
+
+        raise MemberChangeRefusedError(f"remove {name}: not done before the deadline (last: no leader)")
+
+    def rejoin(self, name: str, **_: Any) -> None:
+        """Must not be called for a skipped fault."""
+        raise AssertionError(f"rejoin({name}) after a skipped removal")
+
+
+def test_member_fault_refused_is_skipped_not_failed() -> None:
+    """A removal the cluster refuses until the deadline is a skipped fault; its heal changes nothing."""
+    fault = FAULTS["member"]()
+    description = fault.inject(_RefusingCluster(), random.Random(1))  # type: ignore[arg-type]
+    assert fault.skipped and fault.victim is None and description.startswith("member: skipped")
+    fault.heal(_RefusingCluster())  # type: ignore[arg-type]
+
+
+def test_runner_counts_a_skipped_fault_apart() -> None:
+    """The nemesis loop counts a skipped fault as '<kind>-skipped' and does not wait out its length."""
+    import threading
+
+    from raftcoord.chaos.runner import ChaosOptions, _nemesis, _Run
+
+    state = _Run(ChaosOptions(fault_gap=(0.01, 0.02), fault_length=(5.0, 6.0)))
+    started = time.monotonic()
+    _nemesis(_RefusingCluster(), [FAULTS["member"]], random.Random(1), time.monotonic() + 5.3, threading.Event(),
+             state)
+    assert state.faults["member-skipped"] >= 2 and "member" not in state.faults
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_issue10_removing_a_voter_while_another_is_down_is_refused_not_wedging(tmp_path: Path) -> None:
+    """With one of 3 voters down, removing a running follower must be refused at once (etcd's strict reconfig
+    check): accepted, the leader's new configuration {leader, dead} has no majority and no write commits."""
+    with ChaosCluster(tmp_path, 3, netns=False, seed=8) as cluster:
+        leader = cluster.leader()
+        assert leader is not None
+        follower, down = [n for n in cluster.names if n != leader]
+        cluster.kill(down)
+        started = time.monotonic()
+        with pytest.raises(RaftcoordError):
+            cluster.client(leader, timeout=15).call("POST", "/raftcoord/v1/members",
+                                                    {"action": "remove", "name": follower}, retry=False)
+        refused_after = time.monotonic() - started
+        cluster.client(leader, timeout=10).put(b"chaos/after-refused-removal", b"1")  # before the fix: no leader
+        assert refused_after < 8, f"the removal took {refused_after:.1f} s to fail: it was not refused"
+        assert [m["name"] for m in cluster.members()] == cluster.names
+        # Adding a voter that is not running yet would leave 2 running of 4: refused as well.
+        with pytest.raises(RaftcoordError, match="not a majority"):
+            cluster.client(leader, timeout=15).call("POST", "/raftcoord/v1/members",
+                                                    {"action": "add", "name": "n9", "raft": "127.0.0.1:9",
+                                                     "client": "127.0.0.1:10"}, retry=False)
+        assert [m["name"] for m in cluster.members()] == cluster.names

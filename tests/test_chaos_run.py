@@ -296,6 +296,25 @@ def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.cluster
+@pytest.mark.timeout(150)
+def test_short_chaos_run_with_member_faults_passes_every_check(tmp_path: Path) -> None:
+    """25 s of member changes (remove a voter, delete its data, add it back with --join) and kills on 3 nodes:
+    every check holds, the removed nodes stopped by themselves, and the heal left every node a voter."""
+    summary, proc = _chaos(tmp_path, "--nodes", "3", "--duration", "25", "--faults", "member,kill",
+                           "--seed", "2", "-v", timeout=140)
+    print(json.dumps(summary))
+    assert summary["checks"] == {name: True for name in
+                                 ("linearizable", "messages", "recovery", "durability", "agreement", "watches")}, \
+        _explain(summary, proc)
+    assert summary["ok"] is True and proc.returncode == 0
+    # Seed 2 draws a member fault first (the first draws do not depend on timing).
+    assert summary["faults"].get("member", 0) >= 1 and set(summary["faults"]) <= {"member", "member-skipped", "kill"}
+    removals = re.findall(r"member: removed (n\d) \((the leader|a follower)\); it stopped by itself", proc.stderr)
+    assert len(removals) == summary["faults"]["member"], proc.stderr[-3000:]
+    assert "FINDING" not in proc.stderr
+
+
 def _seeds() -> list[int]:
     return [int(s) for s in os.environ.get("RAFTCOORD_CHAOS_SEEDS", "101,202,303").split(",")]
 
@@ -383,3 +402,45 @@ def test_messages_purge_on_one_replica_only_caught() -> None:
     result = check_messages({"n1": purged, "n2": GOOD}, ACKED, floors={"n1": 2, "n2": 2})
     assert not result.ok and any("n2: lists clock 1 (message a) at or below its purge floor 2" in p
                                  for p in result.problems), result.problems
+
+
+class _MembersCluster:
+    """A stand-in cluster answering a member registry and each node's Raft voters from plain data."""
+
+    names = ["n1", "n2", "n3"]
+    raft = {n: f"10.0.0.{i}:7001" for i, n in enumerate(names, 1)}
+    client_addr = {n: f"10.0.0.{i}:2379" for i, n in enumerate(names, 1)}
+
+    def __init__(self, members: list[dict[str, Any]], voters: dict[str, list[str]]) -> None:
+        self._members, self._voters = members, voters
+
+    def members(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The registry."""
+        return self._members
+
+    def status(self, name: str) -> dict[str, Any]:
+        """A node's status: only its voters matter here."""
+        return {"voters": self._voters[name]}
+
+
+def _whole() -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    c = _MembersCluster
+    members = [{"name": n, "raft": c.raft[n], "client": c.client_addr[n], "voter": True} for n in c.names]
+    return members, {n: sorted(c.raft.values()) for n in c.names}
+
+
+def test_membership_after_heal_must_be_whole_in_registry_and_every_configuration() -> None:
+    """The recovery check's membership part: a missing or non-voting member, an extra one, or a node whose
+    Raft configuration drifted from the registry are each a named problem; the whole cluster passes."""
+    from raftcoord.chaos.runner import _membership_problems
+
+    members, voters = _whole()
+    assert _membership_problems(_MembersCluster(members, voters), timeout=0) == []
+    missing = _membership_problems(_MembersCluster(members[:2], voters), timeout=0)
+    assert missing == ["n3 is not a member after the heal"]
+    learner = [*members[:2], {**members[2], "voter": False}]
+    assert "n3 is the member" in _membership_problems(_MembersCluster(learner, voters), timeout=0)[0]
+    extra = _membership_problems(_MembersCluster([*members, {"name": "n9"}], voters), timeout=0)
+    assert extra == ["n9 is a member but no node of the cluster"]
+    drifted = _membership_problems(_MembersCluster(members, {**voters, "n2": voters["n2"][1:]}), timeout=0)
+    assert len(drifted) == 1 and drifted[0].startswith("n2: its Raft configuration has the voters"), drifted

@@ -34,6 +34,13 @@ writable /run/netns; nothing outside the new namespaces is touched)::
         'mount -t tmpfs none /run && ip link set lo up && exec raftcoord chaos ...'
 
 Otherwise the proxy network is chosen by itself.
+
+Membership (for the ``member`` fault): :meth:`ChaosCluster.remove_member`
+removes a node through the cluster's own HTTP API, waits for it to stop by
+itself and deletes its data directory; :meth:`ChaosCluster.rejoin` adds it
+back with the same name and addresses and starts it with ``--join``. A
+removed node is in :attr:`ChaosCluster.removed` until then, and
+:meth:`ChaosCluster.restart` refuses it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,9 +64,15 @@ from typing import Any
 from raftcoord.chaos import netns as _netns
 from raftcoord.chaos.faultproxy import ProxyNetwork
 from raftcoord.client import Client
-from raftcoord.errors import RaftcoordError
+from raftcoord.errors import (
+    ConflictError,
+    MemberNotFoundError,
+    RaftcoordError,
+    UnavailableError,
+)
 
-__all__ = ["ChaosCluster", "ClusterUnhealthyError", "NetworkUnsupportedError", "free_ports"]
+__all__ = ["ChaosCluster", "ClusterUnhealthyError", "MemberChangeRefusedError", "NetworkUnsupportedError",
+           "free_ports"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +93,9 @@ _OWNER_ENV = "RAFTCOORD_CHAOS_OWNER"
 _LAUNCH = "from raftcoord.chaos.cluster import _node_main as m; m()"
 _RAFT_PORT = 7001
 _CLIENT_PORT = 2379
+_MEMBERS = "/raftcoord/v1/members"
+#: Seconds one member-change request may take (the leader itself gives a change up to 30 s).
+MEMBER_CALL_TIMEOUT = 35.0
 
 
 class ClusterUnhealthyError(AssertionError):
@@ -87,6 +104,10 @@ class ClusterUnhealthyError(AssertionError):
 
 class NetworkUnsupportedError(RuntimeError):
     """The chosen network cannot make this fault."""
+
+
+class MemberChangeRefusedError(RuntimeError):
+    """A member change the cluster kept refusing (no leader, no majority) until the deadline; names the last answer."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -155,6 +176,8 @@ class ChaosCluster:
         self.secret = secrets.token_urlsafe(24)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
+        #: Nodes a member fault removed from the cluster and has not added back yet (see :meth:`rejoin`).
+        self.removed: set[str] = set()
         self._all_pids: list[int] = []
         self._entered: _netns.ThreadNetns | None = None
         self._net: _netns.NetnsNetwork | None = None
@@ -222,8 +245,11 @@ class ChaosCluster:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def start(self, *names: str) -> None:
-        """Start the named nodes (all by default); the first call enters the control namespace."""
+    def start(self, *names: str, join: bool = False) -> None:
+        """Start the named nodes (all by default); the first call enters the control namespace.
+
+        ``join``: start them with ``--join`` (nodes just added back by :meth:`rejoin`).
+        """
         if self._net is not None and self._entered is None:
             entered = _netns.ThreadNetns(self._net.control)
             entered.enter()
@@ -235,6 +261,8 @@ class ChaosCluster:
             env = {k: v for k, v in os.environ.items() if k != "RAFTCOORD_SECRET"}
             env[_OWNER_ENV] = str(os.getpid())
             argv = [sys.executable, "-c", _LAUNCH, "node", "--config", str(self.config_path), "--name", name]
+            if join:
+                argv.append("--join")
             if self._net is not None:
                 argv = self._net.exec_prefix(name) + argv
             else:
@@ -255,7 +283,11 @@ class ChaosCluster:
         self.paused.discard(name)
 
     def restart(self, name: str) -> None:
-        """Start ``name`` again (killing it first if it still runs)."""
+        """Start ``name`` again (killing it first if it still runs); a removed node must :meth:`rejoin` instead."""
+        if name in self.removed:
+            # Started without --join on an empty data directory it would be a
+            # voter of its own cluster file that the others no longer count.
+            raise RuntimeError(f"{name} was removed from the cluster: add it back with rejoin(), not restart()")
         self.kill(name)
         self.start(name)
 
@@ -284,6 +316,10 @@ class ChaosCluster:
     def namespaces(self) -> list[str]:
         """The network namespaces this cluster created and has not removed yet."""
         return list(self._net.created) if self._net is not None else []
+
+    def data_dir(self, name: str) -> Path:
+        """Node ``name``'s data directory (the cluster file's ``data_dir/<name>``)."""
+        return self.root / "data" / name
 
     def log(self, name: str) -> str:
         """What node ``name`` wrote to its log so far."""
@@ -445,3 +481,103 @@ class ChaosCluster:
                 raise ClusterUnhealthyError(f"cluster not healthy after {timeout} s: " + "; ".join(
                     f"{n}: {why}" for n, why in sorted(problems.items())))
             time.sleep(0.1)
+
+    # ------------------------------------------------------------ membership
+
+    def _member_client(self, exclude: str | None = None) -> Client:
+        """A client of every running member but ``exclude`` (that one last, when it runs)."""
+        live = [n for n in self.names if n != exclude and n not in self.removed and self.alive(n)]
+        if exclude is not None and exclude not in self.removed and self.alive(exclude):
+            live.append(exclude)
+        if not live:
+            raise UnavailableError("no member of the cluster is running", field="members")
+        return Client([self.client_urls[n] for n in live], timeout=MEMBER_CALL_TIMEOUT, dial_timeout=1.0)
+
+    def members(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The member registry as a running member answers it (a linearizable read)."""
+        out = self._member_client().call("GET", _MEMBERS, timeout=timeout)
+        if not isinstance(out, dict) or not isinstance(out.get("members"), list):
+            raise UnavailableError(f"the member list is not a list: {out!r}", field="members")
+        return [m for m in out["members"] if isinstance(m, dict)]
+
+    def _member_change(self, body: dict[str, Any], done: Any, deadline: float) -> None:
+        """POST ``body`` to the member route until it applied (``done(members)`` says so) or ``deadline``.
+
+        A change is not idempotent and its answer may be lost (a timeout, a
+        leader change): after any failure the registry decides whether it
+        applied before the change is asked again.
+        """
+        last = "nothing was tried"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MemberChangeRefusedError(f"{body['action']} {body['name']}: not done before the deadline "
+                                               f"(last: {last})")
+            try:
+                self._member_client(exclude=body["name"]).call("POST", _MEMBERS, body, retry=False,
+                                                               timeout=min(MEMBER_CALL_TIMEOUT, max(1.0, left)))
+                return
+            except (UnavailableError, ConflictError, MemberNotFoundError) as exc:
+                # Unavailable covers no leader, not leader, timeouts and unknown outcomes; a conflict is a
+                # change still in flight (or, after a lost answer, this one done); not found, a removal done.
+                last = f"{type(exc).__name__}: {exc.message}"
+            try:
+                if done(self.members(timeout=min(5.0, max(0.5, deadline - time.monotonic())))):
+                    return
+            except RaftcoordError as exc:
+                last += f"; the member list: {exc.message}"
+            time.sleep(0.3)
+
+    def remove_member(self, name: str, *, timeout: float = 30.0, stop_timeout: float = 20.0) -> tuple[bool, float]:
+        """Remove ``name`` from the cluster through its HTTP API, wait for it to stop by itself, delete its data.
+
+        Retries while the cluster cannot make the change (no leader, no
+        majority) and raises :class:`MemberChangeRefusedError` when it never
+        could within ``timeout`` (nothing was changed then, or at least nothing
+        is known to have been). A node still running ``stop_timeout`` seconds
+        after its removal is SIGKILLed. Returns whether it stopped by itself
+        (False is a finding) and the seconds from the change's answer until
+        it was gone.
+        """
+        self._member_change({"action": "remove", "name": name},
+                            lambda members: not any(m.get("name") == name for m in members),
+                            time.monotonic() + timeout)
+        self.removed.add(name)
+        removed_at = time.monotonic()
+        by_itself = True
+        proc = self.procs.get(name)
+        if name in self.paused:
+            self.resume(name)
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                by_itself = False
+                log.warning("%s did not stop by itself within %g s of its removal: SIGKILL", name, stop_timeout)
+                self.kill(name)
+        took = time.monotonic() - removed_at
+        shutil.rmtree(self.data_dir(name), ignore_errors=True)
+        return by_itself, took
+
+    def rejoin(self, name: str, *, timeout: float = 60.0) -> None:
+        """Add the removed ``name`` back as a voter (same addresses), start it with ``--join``, wait until healthy.
+
+        Raises :class:`MemberChangeRefusedError` when the cluster kept
+        refusing the addition, :class:`ClusterUnhealthyError` when the node
+        did not become healthy; either within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        body = {"action": "add", "name": name, "raft": self.raft[name], "client": self.client_addr[name],
+                "voter": True}
+        mine = {k: body[k] for k in ("name", "raft", "client", "voter")}
+        self._member_change(body, lambda members: mine in [
+            {k: m.get(k) for k in ("name", "raft", "client", "voter")} for m in members], deadline)
+        # A member again: from here on a plain restart of it is right (its data directory joins by itself).
+        self.removed.discard(name)
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            self.start(name, join=True)
+        while (why := self._health(name)) is not None:
+            if time.monotonic() >= deadline:
+                raise ClusterUnhealthyError(f"{name} added back but not healthy after {timeout:g} s: {why}")
+            time.sleep(0.2)

@@ -9,6 +9,10 @@ network cannot make it (None when it can); ``inject`` then raises
 nothing, so that a run reports the fault as unsupported, never as survived.
 Network faults compose: a partition leaves a delay or loss in place and the
 other way round.
+
+A fault that the cluster's state of the moment refuses (a member change
+without a leader or a majority) sets ``skipped`` and says "skipped" in its
+description: the runner counts it apart, and its heal does nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from __future__ import annotations
 import random
 from typing import ClassVar, Protocol, runtime_checkable
 
-from raftcoord.chaos.cluster import ChaosCluster, NetworkUnsupportedError
+from raftcoord.chaos.cluster import ChaosCluster, MemberChangeRefusedError, NetworkUnsupportedError
 
 __all__ = [
-    "DelayFault", "DropFault", "Fault", "KillFault", "KillLeaderFault", "KillMajorityFault", "PartitionFault",
-    "PauseFault", "FAULTS", "faults_for",
+    "DelayFault", "DropFault", "Fault", "KillFault", "KillLeaderFault", "KillMajorityFault", "MemberFault",
+    "PartitionFault", "PauseFault", "FAULTS", "faults_for",
 ]
 
 
@@ -52,10 +56,16 @@ class _Base:
             raise NetworkUnsupportedError(f"{self.kind}: {why}")
 
 
+def _members(cluster: ChaosCluster) -> list[str]:
+    # A node a member fault removed (and could not add back yet) is no one's victim.
+    removed = getattr(cluster, "removed", set())
+    return [n for n in cluster.names if n not in removed] or list(cluster.names)
+
+
 def _leader_or_any(cluster: ChaosCluster, rng: random.Random) -> str:
     leader = cluster.leader()
-    return leader if leader is not None else rng.choice([n for n in cluster.names if cluster.alive(n)]
-                                                        or cluster.names)
+    return leader if leader is not None else rng.choice([n for n in _members(cluster) if cluster.alive(n)]
+                                                        or _members(cluster))
 
 
 class KillFault(_Base):
@@ -67,7 +77,7 @@ class KillFault(_Base):
         self.victims: list[str] = []
 
     def _pick(self, cluster: ChaosCluster, rng: random.Random) -> list[str]:
-        return [rng.choice(cluster.names)]
+        return [rng.choice(_members(cluster))]
 
     def inject(self, cluster: ChaosCluster, rng: random.Random) -> str:
         self.victims = self._pick(cluster, rng)
@@ -97,7 +107,8 @@ class KillMajorityFault(KillFault):
     kind: ClassVar[str] = "kill-majority"
 
     def _pick(self, cluster: ChaosCluster, rng: random.Random) -> list[str]:
-        return sorted(rng.sample(cluster.names, len(cluster.names) // 2 + 1))
+        members = _members(cluster)
+        return sorted(rng.sample(members, len(members) // 2 + 1))
 
 
 class PauseFault(_Base):
@@ -109,7 +120,7 @@ class PauseFault(_Base):
         self.victim: str | None = None
 
     def inject(self, cluster: ChaosCluster, rng: random.Random) -> str:
-        self.victim = _leader_or_any(cluster, rng) if rng.random() < 0.5 else rng.choice(cluster.names)
+        self.victim = _leader_or_any(cluster, rng) if rng.random() < 0.5 else rng.choice(_members(cluster))
         cluster.pause(self.victim)
         return f"pause: SIGSTOP {self.victim}"
 
@@ -205,10 +216,83 @@ class DropFault(_Base):
         cluster.set_network(cluster.blocked, loss=0.0, delay=cluster.delay)
 
 
+class MemberFault(_Base):
+    """Remove a voter through the cluster's API (the leader a third of the time); heal adds it back.
+
+    Inject: ``POST /raftcoord/v1/members {"action": "remove"}`` to a running
+    member (retried while the cluster has no leader or majority), wait for
+    the removed node to stop by itself (it is SIGKILLed after
+    :data:`STOP_TIMEOUT` seconds, and the description says so: a finding),
+    then delete its data directory. Heal: add it back as a voter with the
+    same name and addresses, start it with ``--join`` on its empty data
+    directory, and wait until it is healthy, so the cluster ends with all
+    its original voters. A removal the cluster refused until
+    :data:`REFUSED_TIMEOUT` is a skipped fault, not a failure.
+
+    ``target`` fixes the victim's role: "leader", "follower", or None (the
+    default: the leader a third of the time, which exercises the hand-over).
+    """
+
+    kind: ClassVar[str] = "member"
+    targets: ClassVar[tuple[str, ...]] = ("leader", "follower")
+    #: Seconds a removed node has to stop by itself.
+    STOP_TIMEOUT: ClassVar[float] = 20.0
+    #: Seconds a removal may be refused (no leader, no majority) before the fault is skipped.
+    REFUSED_TIMEOUT: ClassVar[float] = 20.0
+    #: Seconds the heal has to add the node back and see it healthy.
+    HEAL_TIMEOUT: ClassVar[float] = 90.0
+
+    def __init__(self, target: str | None = None) -> None:
+        if target is not None and target not in self.targets:
+            raise ValueError(f"unknown member fault target {target!r} (known: {', '.join(self.targets)})")
+        self.target = target
+        self.victim: str | None = None
+        self.skipped = False
+        #: What the removal showed that it should not have (a node that did not stop by itself), or None.
+        self.finding: str | None = None
+
+    def unsupported(self, cluster: ChaosCluster) -> str | None:
+        if len(cluster.names) < 2:
+            return "removing a voter needs at least 2 nodes (the last voter cannot be removed)"
+        return None
+
+    def _pick(self, cluster: ChaosCluster, rng: random.Random) -> tuple[str, str]:
+        members = _members(cluster)
+        leader = cluster.leader()
+        wants_leader = self.target == "leader" or (self.target is None and rng.random() < 1 / 3)
+        if wants_leader and leader is not None:
+            return leader, "the leader"
+        followers = [n for n in members if n != leader]
+        return rng.choice(followers or members), "a follower" if leader is not None else "no leader known"
+
+    def inject(self, cluster: ChaosCluster, rng: random.Random) -> str:
+        self._check(cluster)
+        self.skipped, self.finding = False, None
+        victim, role = self._pick(cluster, rng)
+        try:
+            by_itself, took = cluster.remove_member(victim, timeout=self.REFUSED_TIMEOUT,
+                                                    stop_timeout=self.STOP_TIMEOUT)
+        except MemberChangeRefusedError as exc:
+            self.skipped, self.victim = True, None
+            return f"member: skipped: the cluster refused to remove {victim} for {self.REFUSED_TIMEOUT:g} s ({exc})"
+        self.victim = victim
+        if by_itself:
+            how = f"it stopped by itself {took:.1f} s after the change"
+        else:
+            self.finding = f"{victim} did not stop by itself within {self.STOP_TIMEOUT:g} s of its removal"
+            how = f"FINDING: {self.finding}, SIGKILLed"
+        return f"member: removed {victim} ({role}); {how}; its data directory deleted"
+
+    def heal(self, cluster: ChaosCluster) -> None:
+        if self.victim is not None:
+            cluster.rejoin(self.victim, timeout=self.HEAL_TIMEOUT)
+            self.victim = None
+
+
 #: Every fault kind by name.
 FAULTS: dict[str, type[_Base]] = {
     cls.kind: cls for cls in (KillFault, KillLeaderFault, KillMajorityFault, PauseFault, PartitionFault,
-                              DelayFault, DropFault)
+                              DelayFault, DropFault, MemberFault)
 }
 
 
