@@ -1448,33 +1448,41 @@ def _many_keys(n: int) -> Store:
     return s
 
 
-def _timed_apply(s: Store, cmd: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    import time
+def _walked(monkeypatch: pytest.MonkeyPatch, s: Store) -> list[int]:
+    """How many records each walk of the sorted map takes, from now on (counted, never timed)."""
+    taken: list[int] = []
+    kind = type(s._data)
+    real = kind.items_between
 
-    start = time.perf_counter()
-    applied = s.apply(encode_cbor(cmd))
-    return applied.result, time.perf_counter() - start
+    def items_between(self: Any, i: int, j: int) -> Any:
+        taken.append(j - i)
+        return real(self, i, j)
+
+    monkeypatch.setattr(kind, "items_between", items_between)
+    return taken
 
 
-def test_issue6_d1_txn_of_3000_count_only_ranges_is_refused_fast() -> None:
-    """The request of death (3,000 count_only whole-range ops on 3,000 keys) is refused in well under 50 ms, state unchanged."""
+def test_issue6_d1_txn_of_3000_count_only_ranges_is_refused_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request of death (3,000 count_only whole-range ops on 3,000 keys) is refused before any key is walked."""
     s = _many_keys(3000)
     ops = [{"op": "range", "key": b"\x00", "range_end": b"\x00", "count_only": True}] * 3000
     before = state(s)
-    result, took = _timed_apply(s, {"op": "txn", "success": ops})
+    walked = _walked(monkeypatch, s)
+    result = s.apply(encode_cbor({"op": "txn", "success": ops})).result
     assert result["ok"] is False and result["error"]["code"] == "limit_exceeded", result
     assert result["error"]["field"] == "success"
-    assert took < 0.05, took
+    assert walked == []
     assert state(s) == before
 
 
-def test_issue6_d1_txn_at_the_op_cap_answers_counts_fast() -> None:
-    """MAX_TXN_OPS count_only ranges over 3,000 keys are answered by bisection, well under 50 ms."""
+def test_issue6_d1_txn_at_the_op_cap_answers_counts_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_TXN_OPS count_only ranges over 3,000 keys are answered by bisection, not by walking 3,000 keys each."""
     s = _many_keys(3000)
     ops = [{"op": "range", "key": b"\x00", "range_end": b"\x00", "count_only": True}] * MAX_TXN_OPS
-    result, took = _timed_apply(s, {"op": "txn", "success": ops})
+    walked = _walked(monkeypatch, s)
+    result = s.apply(encode_cbor({"op": "txn", "success": ops})).result
     assert result["ok"] and [r["count"] for r in result["responses"]] == [3000] * MAX_TXN_OPS
-    assert took < 0.05, took
+    assert sum(walked) <= MAX_TXN_OPS, f"{sum(walked)} records walked for {MAX_TXN_OPS} counts"
 
 
 @pytest.mark.parametrize("branch", ["compare", "success", "failure"])
@@ -1520,16 +1528,20 @@ def test_issue6_d1_range_results_in_a_write_txn_are_bounded_and_writes_rolled_ba
     assert [r["count"] for r in ok["responses"]] == [5, 5, 5]
 
 
-def test_issue6_d1_range_counts_by_bisection_and_walks_only_what_it_returns() -> None:
-    """range(limit=1) on 20,000 keys, 1,000 times, takes well under 100 ms (listing the whole range each time took 500)."""
-    import time
+def test_issue6_d1_range_counts_by_bisection_and_walks_only_what_it_returns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """range(limit=1) on 20,000 keys takes one record from the map each time: the count comes from bisection.
 
+    (Listing the whole range each time took 500 ms for 1,000 calls.) Counted,
+    not timed: a test asserts behaviour, and a loaded machine made the old
+    100 ms bound fail.
+    """
     s = _many_keys(20000)
-    start = time.perf_counter()
+    taken = _walked(monkeypatch, s)
     for i in range(1000):
         r = s.range(b"\x00", b"\x00", limit=1, offset=i * 7, descending=bool(i % 2))
         assert r.count == 20000 and len(r.kvs) == 1
-    assert time.perf_counter() - start < 0.1
+    assert taken == [1] * 1000
 
 
 def test_issue6_d2_read_txn_bounds_its_result_bytes() -> None:
