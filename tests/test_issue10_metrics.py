@@ -122,7 +122,9 @@ def test_issue10_metrics_parse_and_move_with_writes(cluster: LocalCluster) -> No
     for a, b in ((before, after), (peer_before, peer_after)):  # the proposer and a replica that only applies
         assert moved(a, b, "raftcoord_applied_commands_total") >= 2 * n
         assert moved(a, b, "raftcoord_apply_duration_seconds_count") >= 2 * n
-        assert moved(a, b, "raftcoord_raft_applied_index") >= 2 * n
+        # A log index, not a command count: concurrent commands share one
+        # entry (issue 9's batching), and the status it comes from is cached.
+        assert moved(a, b, "raftcoord_raft_applied_index") > 0
         assert b.value("raftcoord_apply_duration_seconds_count") == b.value(
             "raftcoord_apply_duration_seconds_bucket", le="+Inf")
     for route in ("/v3/kv/put", "/raftcoord/v1/messages"):
