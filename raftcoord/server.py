@@ -89,7 +89,7 @@ class NodeServer:
         self.config = config
         self.node = config.node(node)
         self.join = join
-        self._removal_task: asyncio.Task[None] | None = None
+        self._membership_task: asyncio.Task[None] | None = None
         #: True once this node saw itself in its replica's member registry.
         self._seen_self = False
         self._leaderless_since: float | None = None
@@ -118,12 +118,10 @@ class NodeServer:
             _check_data_dir(self.config, self.node.name)
             kwargs: dict[str, Any] = dict(open_kwargs or {})
             fresh = not any(Path(self.node.data_dir).glob("raft.*"))
-            if open_kwargs is not None:
-                pass
-            elif self.join and not fresh:
+            if open_kwargs is None and self.join and not fresh:
                 log.info("node %s: --join, but the data directory holds this node's data: starting from it",
                          self.node.name)
-            elif self.join or fresh:
+            elif open_kwargs is None and (self.join or fresh):
                 kwargs = await ask_cluster(self.config, self.node.name, required=self.join)
             try:
                 self.coordinator = await loop.run_in_executor(
@@ -161,7 +159,7 @@ class NodeServer:
         self.housekeeper = housekeeper
         housekeeper.start()  # a no-op when the coordinator already started it
         if getattr(self.coordinator, "membership", None) is not None:
-            self._removal_task = asyncio.create_task(self._watch_membership())
+            self._membership_task = asyncio.create_task(self._watch_membership())
         log.info("node %s: raft %s, client endpoint http://%s", self.node.name, self.node.raft, self.node.client)
 
     async def _become_voter(self, voters: list[str]) -> None:
@@ -255,7 +253,7 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         coord = self.coordinator
         housekeeper, self.housekeeper = self.housekeeper, None
-        task, self._removal_task = self._removal_task, None
+        task, self._membership_task = self._membership_task, None
         if task is not None:
             task.cancel()
         if housekeeper is not None:
